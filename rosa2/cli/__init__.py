@@ -1,0 +1,51 @@
+"""The ``rosa2`` command. Each subcommand lives in its own module, imported only when chosen,
+so ``rosa2 --help`` stays fast and a command never pays for another's heavy imports."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from rosa2.errors import Rosa2Error
+
+# name -> (module with register(parser), one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "doctor": ("rosa2.cli.doctor", "Check everything a run needs and print the fix for what is missing"),
+    "generate": ("rosa2.cli.generate", "Generate one answer from a model (the embedded SmolLM2 by default)"),
+}
+
+
+def build_parser(chosen: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rosa2",
+        description="ROSA2 experiment platform: test-time co-adaptation of language models (Words & Weights).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            importlib.import_module(module).register(command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(chosen if chosen in COMMANDS else None)
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except Rosa2Error as exc:
+        print(f"rosa2 {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"rosa2 {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

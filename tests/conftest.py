@@ -1,0 +1,24 @@
+"""Shared fixtures. Real parts only: a tiny random model built from a config for speed, the
+embedded SmolLM2 for end-to-end; servers and Docker are started by the fixtures that need them."""
+
+from __future__ import annotations
+
+import pytest
+
+import rosa2  # noqa: F401  - applies environment hygiene before any heavy import
+
+
+@pytest.fixture(scope="session")
+def smol():
+    """The embedded SmolLM2-135M-Instruct (converted once by infra/setup.sh)."""
+    from rosa2 import models
+
+    return models.load("embedded")
+
+
+@pytest.fixture()
+def tiny():
+    """A fresh 2-layer random Llama with the embedded tokenizer (fast, deterministic)."""
+    from rosa2 import models
+
+    return models.tiny_random(seed=0)

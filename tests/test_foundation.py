@@ -1,0 +1,117 @@
+"""The foundation: the mlflow folder never shadows the library, the loader, env hygiene, doctor."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rosa2 import env, models
+from rosa2.config import GenerationConfig, ModelConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_root_mlflow_folder_does_not_shadow_the_library():
+    # Run from the repository root, where ./mlflow exists, as a user would.
+    code = "import mlflow, sys; print(mlflow.__file__); print(mlflow.__version__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    path, version = out.stdout.split()
+    assert (ROOT / "mlflow").is_dir()
+    assert "site-packages" in path and not path.startswith(str(ROOT / "mlflow")), path
+    assert version.startswith("3.")
+    assert not (ROOT / "mlflow" / "__init__.py").exists()
+
+
+def test_core_imports_neither_prefect_nor_mlflow():
+    code = (
+        "import sys, rosa2, rosa2.config, rosa2.models, rosa2.policy, rosa2.env;"
+        "import pkgutil, importlib;"
+        "[importlib.import_module('rosa2.'+m.name) for m in pkgutil.iter_modules(rosa2.__path__) if m.name != 'cli'];"
+        "bad=[m for m in sys.modules if m.split('.')[0] in ('prefect','mlflow')]; print(bad); sys.exit(bool(bad))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_env_hygiene_points_state_under_the_home():
+    root = env.home()
+    assert os.environ["PREFECT_HOME"].startswith(str(root))
+    assert os.environ["TEXTGRAD_LOG_DIR"].startswith(str(root))
+    assert os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] == "True"
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
+
+
+def test_embedded_model_generates_with_the_chat_template(smol):
+    from rosa2.policy import Policy
+
+    policy = Policy(smol, GenerationConfig(max_new_tokens=24))
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    templated = smol.tokenizer.decode(policy.prompt_ids(messages))
+    assert "<|im_start|>user" in templated and templated.rstrip().endswith("<|im_start|>assistant")
+    reply = policy.generate(messages)
+    assert "Paris" in reply.text
+    assert 0 < reply.tokens <= 24
+    again = policy.generate(messages)  # greedy decoding is deterministic
+    assert again.text == reply.text
+
+
+def test_loader_rejects_a_directory_without_config(tmp_path):
+    with pytest.raises(models.ModelError, match="has no config.json"):
+        models.resolve(str(tmp_path))
+
+
+def test_loader_rejects_a_name_that_is_neither_path_nor_hub_id():
+    with pytest.raises(models.ModelError, match="neither 'embedded'"):
+        models.resolve("no/such/thing")
+
+
+def test_loader_loads_a_local_directory(tmp_path, tiny):
+    tiny.model.save_pretrained(tmp_path)
+    tiny.tokenizer.save_pretrained(tmp_path)
+    loaded = models.load(ModelConfig(name=str(tmp_path), device="cpu"))
+    assert loaded.model.config.num_hidden_layers == 2
+    assert loaded.source == str(tmp_path.resolve())
+
+
+def test_corrupted_cache_entry_names_file_and_hash_and_is_rebuilt(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("ROSA2_HOME", str(home))
+    # Seed the private cache from the real one (cheap copy instead of a 10 s conversion).
+    import shutil
+
+    shutil.copytree(env.source_root() / ".rosa2" / "models", home / "models") if (
+        env.source_root() / ".rosa2" / "models"
+    ).exists() else models._convert_embedded(home / "models" / models.EMBEDDED_DIRNAME)
+    target = models.embedded_cache_dir()
+    assert str(target).startswith(str(home))
+    manifest = json.loads((target / models.MANIFEST).read_text())
+    victim = target / "config.json"
+    victim.write_text(victim.read_text() + " ")
+    models._verified.discard(target)
+    with pytest.raises(models.ModelError) as info:
+        models.ensure_embedded()
+    message = str(info.value)
+    assert str(victim) in message and manifest["files"]["config.json"] in message
+    assert not target.exists()  # removed, so the next run rebuilds it
+    rebuilt = models.ensure_embedded()
+    assert json.loads((rebuilt / models.MANIFEST).read_text())["files"] == manifest["files"]
+
+
+def test_wrong_hash_gguf_is_named(monkeypatch, tmp_path):
+    fake = tmp_path / models.EMBEDDED_GGUF
+    fake.write_bytes(b"not a model")
+    monkeypatch.setattr(models, "embedded_gguf_path", lambda: fake)
+    with pytest.raises(models.ModelError) as info:
+        models._convert_embedded(tmp_path / "out")
+    assert str(fake) in str(info.value) and models.EMBEDDED_GGUF_SHA256 in str(info.value)
+
+
+def test_doctor_prints_one_screen_and_exit_code():
+    out = subprocess.run([sys.executable, "-m", "rosa2.cli", "doctor"], capture_output=True, text=True)
+    assert "embedded model" in out.stdout and "accelerator" in out.stdout
+    assert out.returncode == 0, out.stdout
