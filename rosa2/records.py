@@ -1,0 +1,62 @@
+"""What a session produces: one record per turn, one result per problem (plain, JSON-able).
+
+The session engine writes these, metrics read them, the platform logs them as JSONL artifacts and
+tables. Keep them flat so a JSONL line round-trips with ``asdict`` / ``from_dict``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+@dataclass
+class TurnRecord:
+    turn: int  # 1-based
+    reward: float  # +1 accepted, -1 rejected
+    response: str  # y_t
+    message: str  # the user message the model answered at this turn (x_t, after refinement)
+    feedback: str  # x_{t+1}: the simulated user's raw next message ("" when feedback=none or solved)
+    refined_feedback: str  # x*_{t+1}: what entered the history (== feedback when words are off)
+    words_on: bool  # semantic stream ran after this turn
+    weights_on: bool  # parametric stream ran after this turn
+    delta_theta_sq: float  # ‖Δθ‖² of the update made after this turn (0 when none)
+    delta_x_sq: float  # ‖Δx‖² between feedback and refined_feedback (0 when none)
+    semantic_fallback: bool  # the critic's reply lacked TextGrad's tags: raw message kept
+    tokens: int  # tokens generated for y_t
+    seconds_generate: float
+    seconds_parametric: float
+    seconds_semantic: float
+    seconds_reward: float
+    peak_memory_bytes: int  # CUDA: peak allocated; CPU: peak RSS of the process
+    prediction: str | None = None  # extracted answer, when the reward extracts one
+    detail: dict[str, Any] = field(default_factory=dict)  # reward detail (gold, outcome, tests...)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TurnRecord":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class ProblemResult:
+    problem_id: str
+    method: str
+    solved: bool
+    turn_solved: int | None  # 1-based turn of the first +1, None when never solved
+    turns_used: int
+    seconds: float
+    peak_memory_bytes: int
+    max_turns: int
+    scored: bool = True  # False when the gold answer did not parse: excluded from metrics
+    turns: list[TurnRecord] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ProblemResult":
+        data = dict(data)
+        turns = [TurnRecord.from_dict(t) for t in data.pop("turns", [])]
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names}, turns=turns)
