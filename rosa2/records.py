@@ -60,3 +60,29 @@ class ProblemResult:
         turns = [TurnRecord.from_dict(t) for t in data.pop("turns", [])]
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names}, turns=turns)
+
+
+@dataclass
+class Problem:
+    """One benchmark item, whatever the dataset (DESIGN §6)."""
+
+    id: str
+    prompt: str  # the first user message x_1, already formatted for the domain
+    domain: str  # "math" | "choice" | "code"
+    answer: str | None = None  # gold answer (math: LaTeX/number; choice: the letter)
+    tests: str | None = None  # code: test source (HumanEval `check(candidate)` style)
+    entry_point: str | None = None  # code: the function the tests call
+    metadata: dict[str, Any] = field(default_factory=dict)  # dataset, subject, level, choices, source row...
+
+
+@dataclass
+class RewardResult:
+    """A scored answer: ±1 and what the simulated user may say next (never the gold answer)."""
+
+    reward: float  # +1.0 or -1.0
+    prediction: str | None = None  # the extracted answer (math: boxed; choice: letter; code: None)
+    gold: str | None = None  # the parsed gold (logged, never shown to the model)
+    scored: bool = True  # False: gold unparseable or infrastructure failure -> excluded from metrics
+    outcome: str = ""  # code: passed | failed | error | timeout | oom | syntax_error | sandbox_error
+    error_text: str = ""  # what `rich` feedback hands to the next turn (failing test, traceback)
+    detail: dict[str, Any] = field(default_factory=dict)
