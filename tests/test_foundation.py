@@ -111,7 +111,15 @@ def test_wrong_hash_gguf_is_named(monkeypatch, tmp_path):
     assert str(fake) in str(info.value) and models.EMBEDDED_GGUF_SHA256 in str(info.value)
 
 
-def test_doctor_prints_one_screen_and_exit_code():
-    out = subprocess.run([sys.executable, "-m", "rosa2.cli", "doctor"], capture_output=True, text=True)
+def test_doctor_is_green_on_a_set_up_machine():
+    out = subprocess.run([sys.executable, "-m", "rosa2", "doctor"], capture_output=True, text=True)
     assert "embedded model" in out.stdout and "accelerator" in out.stdout
     assert out.returncode == 0, out.stdout
+
+
+def test_doctor_fails_with_the_fix_when_the_model_cache_is_missing(tmp_path):
+    environ = {**os.environ, "ROSA2_HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "rosa2", "doctor"], capture_output=True, text=True, env=environ)
+    assert out.returncode == 1, out.stdout
+    assert "[FAIL] embedded model" in out.stdout
+    assert "fix: run `bash infra/setup.sh`" in out.stdout
