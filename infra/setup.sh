@@ -34,7 +34,7 @@ STAMP=$VENV/.rosa2-install-stamp
 WANT=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   say "installing rosa2 and its dependencies (pinned by constraints.txt)"
-  pipq -c constraints.txt -e ".[test]"
+  pipq -c constraints.txt -e ".[test,ray,team]"
   echo "$WANT" > "$STAMP"
 fi
 
@@ -71,5 +71,12 @@ fi
 # 6. the sandbox image (built from Debian packages when no registry is reachable)
 if docker_ok; then
   ROSA2_HOME=$HOME_DIR "$VENV/bin/rosa2" sandbox build
+fi
+# 7. team mode (issue 6): Debian's PostgreSQL server binaries for `rosa2 team up`, and docker-compose
+#    to check infra/compose.yaml; as root only, when missing
+if [ "$(id -u)" = 0 ] && { ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v docker-compose >/dev/null; }; then
+  say "installing Debian's postgresql and docker-compose (team mode)"
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql docker-compose >/dev/null
 fi
 say "done. Activate with: source $VENV/bin/activate"
