@@ -13,6 +13,7 @@ from rosa2.errors import Rosa2Error
 COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("rosa2.cli.doctor", "Check everything a run needs and print the fix for what is missing"),
     "generate": ("rosa2.cli.generate", "Generate one answer from a model (the embedded SmolLM2 by default)"),
+    "datasets": ("rosa2.cli.datasets", "List the known datasets, or print a dataset's problems as the model sees them"),
 }
 
 
