@@ -153,11 +153,11 @@ def _resolve(dataset: str, split: str | None) -> tuple[str, Layout | None, Itera
         path = Path(tail).expanduser()
         spec = KNOWN.get(head.lower())
         return head.lower(), LAYOUTS[spec.layout if spec else head.lower()], _read_file(path)
+    if sep and tail and "/" not in head and not Path(dataset).expanduser().is_file():
+        raise Rosa2Error(f"{head!r} in {dataset!r} is neither a known dataset nor a layout; " + str(_unknown(head)))
     if _is_path(dataset):
         path = Path(dataset).expanduser()
         return path.name.split(".")[0], None, _read_file(path)
-    if sep:
-        raise Rosa2Error(f"{head!r} in {dataset!r} is neither a known dataset nor a layout; " + str(_unknown(head)))
     if "/" in dataset:
         return dataset.split("/")[-1].lower(), None, _read_hub(dataset, None, split or "test")
     raise _unknown(dataset)
