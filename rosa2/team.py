@@ -45,7 +45,7 @@ class TeamDatabase:
 
     @property
     def mlflow_uri(self) -> str:
-        """MLflow's backend store (SQLAlchemy with psycopg2)."""
+        """MLflow's backend store (SQLAlchemy 2.1 reads postgresql:// as psycopg 3)."""
         return self.url("mlflow")
 
     @property
@@ -112,8 +112,21 @@ def _password(root: Path) -> str:
     return path.read_text().strip()
 
 
+def _check_reachable(root: Path) -> None:
+    """The cluster owner (``postgres`` when we are root) must be able to reach the project home."""
+    if _owner() is None:
+        return
+    for parent in root.parents:
+        if parent.exists() and not parent.stat().st_mode & 0o001:
+            raise TeamError(
+                f"the 'postgres' user cannot enter {parent} (mode {oct(parent.stat().st_mode & 0o777)}), which holds "
+                f"the team database {root}; run `chmod o+x {parent}` or set ROSA2_HOME to a directory it can reach"
+            )
+
+
 def _initdb(root: Path, password: str) -> None:
     data = root / "data"
+    _check_reachable(root)
     root.mkdir(parents=True, exist_ok=True)
     _chown(root)
     pwfile = root / ".initdb-pw"

@@ -14,6 +14,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("rosa2.cli.doctor", "Check everything a run needs and print the fix for what is missing"),
     "generate": ("rosa2.cli.generate", "Generate one answer from a model (the embedded SmolLM2 by default)"),
     "datasets": ("rosa2.cli.datasets", "List the known datasets, or print a dataset's problems as the model sees them"),
+    "team": ("rosa2.cli.team", "Bring the team topology up on this machine: PostgreSQL, Prefect and MLflow on it, a work pool"),
+    "worker": ("rosa2.cli.worker", "Start a Prefect worker of a work pool, pinned to one GPU"),
 }
 
 
