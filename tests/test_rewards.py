@@ -73,6 +73,7 @@ def test_bad_responses_score_minus_one_with_a_reason(response, outcome, why):
     result = MathVerifyRewardModel("18").score(response)
     assert (result.reward, result.outcome, result.scored) == (-1.0, outcome, True)
     assert why in result.detail["why"]
+    assert "\\boxed{}" in result.error_text and "18" not in result.error_text  # rich feedback, no gold
 
 
 def test_a_gold_that_does_not_parse_is_flagged_and_never_solved():
@@ -147,6 +148,7 @@ def test_choice_reward_outcomes():
     assert (reward.score("\\boxed{C}").reward, reward.score("\\boxed{C}").prediction) == (1.0, "C")
     assert reward.score("Answer: B").outcome == "wrong"
     assert reward.score("E is my choice").outcome == "no_answer"  # E is not an option of four
+    assert "\\boxed{}" in reward.score("no idea").error_text and reward.score("Answer: B").error_text == ""
     assert reward.score("").outcome == "empty"
     flagged = ChoiceReward(choice_problem("F")).score("\\boxed{F}")
     assert (flagged.scored, flagged.outcome) == (False, "gold_unparseable")

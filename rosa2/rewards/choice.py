@@ -26,6 +26,8 @@ _ANSWER_IS = re.compile(
 _PAREN = re.compile(r"\(([A-Z])\)")
 _STANDALONE = re.compile(r"(?<![\w\\'-])([A-Z])(?![\w'-])")
 _ENGLISH = re.compile(r"\s+[a-z]")
+# ``rich`` feedback for an answer in no recognisable form (it names no letter: that could leak the gold)
+NO_LETTER = "Your reply does not name an option. End with the letter of your choice within \\boxed{}."
 
 
 def letters(n: int) -> str:
@@ -74,10 +76,10 @@ class ChoiceReward:
             return RewardResult(-1.0, None, self.gold, scored=False, outcome="gold_unparseable",
                                 detail={"why": f"gold {self.gold!r} is not one of the letters {self.allowed}"})
         if not (response or "").strip():
-            return RewardResult(-1.0, None, self.gold, outcome="empty", detail={"why": "empty response"})
+            return RewardResult(-1.0, None, self.gold, outcome="empty", error_text=NO_LETTER, detail={"why": "empty response"})
         letter, form = extract_choice(response, self.allowed)
         if letter is None:
-            return RewardResult(-1.0, None, self.gold, outcome="no_answer",
+            return RewardResult(-1.0, None, self.gold, outcome="no_answer", error_text=NO_LETTER,
                                 detail={"why": f"no option letter ({', '.join(self.allowed)}) found in the response"})
         correct = letter == self.gold
         return RewardResult(1.0 if correct else -1.0, letter, self.gold, outcome="correct" if correct else "wrong",

@@ -7,8 +7,9 @@ parses and comparisons run in worker processes (``rosa2.rewards.pool``) so math-
 timeouts work from any thread, with an outer wall-clock kill for hangs that no alarm interrupts.
 
 Outcomes (``RewardResult.outcome``): ``correct`` (+1); ``wrong``, ``no_answer``, ``truncated``,
-``empty``, ``timeout`` (all -1); ``gold_unparseable`` (``scored=False``: excluded from metrics,
-never counted as solved). The simulated user sees none of the gold.
+``empty``, ``timeout`` (all -1); ``gold_unparseable`` and ``error`` (a worker failed: infrastructure)
+with ``scored=False``: excluded from metrics, never counted as solved. ``error_text`` (what ``rich``
+feedback passes on) says what was wrong with the form of the answer, never anything of the gold.
 """
 
 from __future__ import annotations
@@ -24,6 +25,14 @@ from rosa2.records import Problem, RewardResult
 from rosa2.rewards.pool import Job, WorkerPool, shared_pool
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_log = logging.getLogger(__name__)
+
+# what the simulated user may say about the form of an answer (``rich`` feedback)
+FORM_FEEDBACK = {
+    "empty": "Your reply was empty. Solve the problem and put the final answer within \\boxed{}.",
+    "truncated": "Your reply was cut off before the final \\boxed{} answer was closed. Be more concise.",
+    "no_answer": "Your reply has no final answer in \\boxed{}. Put the final answer within \\boxed{}.",
+}
 
 
 def last_boxed(text: str) -> tuple[str | None, bool]:
@@ -181,11 +190,14 @@ class MathVerifyRewardModel:
             else:
                 job = Job("rosa2.rewards.math:parse_gold", (self.gold, self.limits.parse_timeout_s), self.limits.wall_timeout_s)
                 outcome = self.pool.run([job])[0]
+                if not outcome.ok and not outcome.timed_out:
+                    raise Rosa2Error(f"the math-verify worker failed while parsing the gold {self.gold!r}: {outcome.error}")
                 if outcome.ok and outcome.value is not None:
                     self._gold_parse = outcome.value
                 else:
                     why = outcome.error or "math-verify extracted nothing"
                     self._gold_parse = f"gold answer {self.gold!r} does not parse ({why})"
+                    _log.warning("%s: excluded from scoring", self._gold_parse)
         return self._gold_parse  # type: ignore[return-value]
 
     def _extract(self, response: str) -> tuple[tuple[str, bool], RewardResult | None]:
@@ -205,7 +217,7 @@ class MathVerifyRewardModel:
         if outcome.timed_out:
             return self._result(-1.0, None, "timeout", f"verification exceeded {self.limits.wall_timeout_s:g}s; worker killed")
         if not outcome.ok:
-            return self._result(-1.0, None, "error", f"verification failed: {outcome.error}")
+            return self._result(-1.0, None, "error", f"verification failed: {outcome.error}", scored=False)
         value = outcome.value
         shown = answer[len("\\boxed{"):-1] if not anchored_only else value["matched"]
         if value["correct"]:
@@ -226,7 +238,8 @@ class MathVerifyRewardModel:
             detail["prediction_parsed"] = value["parsed"]
         if why:
             detail["why"] = why
-        return RewardResult(reward=reward, prediction=prediction, gold=self.gold, scored=scored, outcome=outcome, detail=detail)
+        return RewardResult(reward=reward, prediction=prediction, gold=self.gold, scored=scored, outcome=outcome,
+                            error_text=FORM_FEEDBACK.get(outcome, ""), detail=detail)
 
 
 class MathReward(MathVerifyRewardModel):
