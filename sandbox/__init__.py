@@ -1,0 +1,14 @@
+"""The sandbox for model-written code (DESIGN §5): image build, warm container pool, harness.
+
+``Sandbox(cfg).run(program, tests, entry_point) -> Evaluation`` runs one program in a fresh
+process inside a hardened container; ``shared(cfg)`` gives the process-wide pool the code reward
+uses; ``image.build(name)`` makes the image from the Dockerfile or from Debian packages alone.
+Docker (docker-py) is imported only when a pool or a build is made.
+"""
+
+from sandbox.client import OUTCOMES, Evaluation, Sandbox, SandboxInfraError, leftover_containers, shared
+from sandbox.image import SandboxError, build
+
+__all__ = [
+    "OUTCOMES", "Evaluation", "Sandbox", "SandboxError", "SandboxInfraError", "build", "leftover_containers", "shared",
+]

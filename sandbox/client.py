@@ -1,0 +1,434 @@
+"""A warm pool of hardened containers that runs model-written code (DESIGN §5).
+
+Every container: no network, user 65534, read-only root with a small tmpfs on /tmp, all
+capabilities dropped, no-new-privileges, pids / memory (= memswap) / CPU limits, and the label
+``rosa2.sandbox`` so nothing is left behind. Each evaluation is a fresh ``python3`` process
+started with ``docker exec``; the program and tests reach it on stdin (``put_archive`` is refused on
+a read-only root). The wall-clock limit is enforced from outside: on the deadline the whole
+container is killed and replaced. A container is also replaced after an OOM kill, a process
+left running, or any end without a result, so the next evaluation always starts clean.
+
+Outcomes: passed, failed, error, timeout, oom, syntax_error, and sandbox_error, which is the
+infrastructure failing (retried ``retries`` times, never scored as a model failure).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import queue
+import secrets
+import select
+import socket
+import struct
+import threading
+import time
+import weakref
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rosa2.config import SandboxConfig
+from sandbox.image import LABEL, SandboxError, docker_client, image_exists
+
+OUTCOMES = ("passed", "failed", "error", "timeout", "oom", "syntax_error", "sandbox_error")
+HARNESS = (Path(__file__).resolve().parent / "harness.py").read_text()
+OWNER_LABEL = LABEL + ".owner"
+RESULT_LIMIT = 8 * 2**20  # bytes of the harness's result stream kept (it is one JSON line)
+ERROR_TEXT_LIMIT = 4000  # characters of error text per test and overall
+GRACE_S = 0.5  # after the result line, how long trailing output may still arrive
+ACQUIRE_TIMEOUT_S = 120.0
+
+
+class SandboxInfraError(Exception):
+    """The engine or a container failed, not the program: the evaluation is retried."""
+
+
+@dataclass
+class Evaluation:
+    """What one run of a program (and its tests) in the sandbox gave."""
+
+    outcome: str
+    error_text: str = ""
+    tests: list[dict[str, Any]] = field(default_factory=list)  # name, status, error (got, line)
+    output: str = ""  # the program's stdout+stderr, capped at output_limit_bytes
+    output_truncated: bool = False
+    exit_code: int | None = None
+    seconds: float = 0.0
+    attempts: int = 1
+    recycled: bool = False  # the container was replaced after this evaluation
+    leftover_processes: int = 0  # processes the program left running (killed with their container)
+
+    @property
+    def passed(self) -> bool:
+        return self.outcome == "passed"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Exec:
+    """The raw end of one ``docker exec``."""
+
+    result: dict[str, Any] | None
+    output: bytes
+    output_bytes: int  # all the program wrote, including what the cap dropped
+    exit_code: int | None
+    timed_out: bool
+    seconds: float
+
+
+class Sandbox:
+    """A thread-safe pool of warm sandbox containers. Use as a context manager or call ``close``.
+
+    ``run(program, tests, entry_point)`` evaluates one program; any number of threads may call it
+    at once (at most ``pool_size`` run in parallel, the others wait for a container).
+    """
+
+    def __init__(self, cfg: SandboxConfig | None = None, *, client: Any = None) -> None:
+        self.cfg = cfg or SandboxConfig()
+        self._client = client or docker_client(timeout=max(60.0, self.cfg.timeout_s + 30))
+        if not image_exists(self._client, self.cfg.image):
+            raise SandboxError(f"sandbox image {self.cfg.image!r} is missing; run `rosa2 sandbox build`")
+        self._idle: queue.Queue[Any] = queue.Queue()
+        self._lock = threading.Lock()
+        self._live: dict[str, Any] = {}  # id -> container, every one this pool started and not removed
+        self._closed = False
+        self._owner = f"{socket.gethostname()}:{os.getpid()}"
+        _open_pools.add(self)
+
+    # -- containers -----------------------------------------------------------------------
+
+    def _start_container(self) -> Any:
+        cfg = self.cfg
+        memory = f"{cfg.memory_mb}m"
+        container = self._client.containers.run(
+            cfg.image,
+            command=["sleep", "infinity"],
+            detach=True,
+            network_mode="none",
+            user="65534:65534",
+            read_only=True,
+            tmpfs={"/tmp": f"size={cfg.tmpfs_mb}m,mode=1777,nosuid,nodev"},
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
+            pids_limit=cfg.pids_limit,
+            mem_limit=memory,
+            memswap_limit=memory,  # equal: no swap, so a memory hog meets the OOM killer, not the disk
+            nano_cpus=int(cfg.cpus * 1e9),
+            working_dir="/tmp",
+            labels={LABEL: "1", OWNER_LABEL: self._owner},
+        )
+        with self._lock:
+            self._live[container.id] = container
+        return container
+
+    def _acquire(self) -> Any:
+        deadline = time.monotonic() + ACQUIRE_TIMEOUT_S
+        while True:
+            if self._closed:
+                raise SandboxInfraError("the sandbox pool is closed")
+            try:
+                return self._idle.get_nowait()
+            except queue.Empty:
+                pass
+            with self._lock:
+                may_start = len(self._live) < self.cfg.pool_size
+                if may_start:
+                    slot = "starting-" + secrets.token_hex(4)
+                    self._live[slot] = None  # holds the slot while the container starts
+            if may_start:
+                try:
+                    return self._start_container()
+                except Exception as exc:  # noqa: BLE001 - engine trouble is infrastructure
+                    raise SandboxInfraError(f"could not start a sandbox container: {exc}") from exc
+                finally:
+                    with self._lock:
+                        self._live.pop(slot, None)
+            try:
+                return self._idle.get(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    raise SandboxInfraError(f"no sandbox container became free in {ACQUIRE_TIMEOUT_S:.0f} s") from None
+
+    def _release(self, container: Any) -> None:
+        if self._closed:
+            self._remove(container)
+        else:
+            self._idle.put(container)
+
+    def _remove(self, container: Any) -> None:
+        with self._lock:
+            self._live.pop(container.id, None)
+        try:
+            container.remove(force=True)  # SIGKILL to every process in it, then delete
+        except Exception:  # noqa: BLE001 - already gone; close() and `rosa2 sandbox clean` sweep the rest
+            pass
+
+    def _recycle(self, container: Any) -> None:
+        """Kill and remove in the background; the next ``_acquire`` starts a fresh one."""
+        with self._lock:
+            self._live.pop(container.id, None)  # frees the slot now, so a replacement can start
+        threading.Thread(target=self._remove, args=(container,), daemon=True).start()
+
+    # -- one evaluation -------------------------------------------------------------------
+
+    def _exec(self, container: Any, payload: bytes, marker: bytes, timeout_s: float) -> _Exec:
+        api = self._client.api
+        start = time.monotonic()
+        exec_id = api.exec_create(
+            container.id, ["python3", "-I", "-c", HARNESS], stdin=True, user="65534:65534", workdir="/tmp"
+        )["Id"]
+        raw = api.exec_start(exec_id, socket=True)
+        sock = getattr(raw, "_sock", raw)
+        try:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)  # end of stdin: the harness starts
+            result, output, output_bytes, timed_out = self._read(sock, marker, start + timeout_s)
+        finally:
+            sock.close()
+        exit_code = None
+        if not timed_out:
+            for _ in range(20):  # the stream can end a moment before the exec is marked finished
+                info = api.exec_inspect(exec_id)
+                if not info.get("Running"):
+                    exit_code = info.get("ExitCode")
+                    break
+                time.sleep(0.05)
+        parsed = None
+        if result is not None:
+            try:
+                parsed = json.loads(result.decode("utf-8", "replace"))
+            except ValueError:
+                parsed = None
+        return _Exec(parsed, output, output_bytes, exit_code, timed_out, time.monotonic() - start)
+
+    def _read(self, sock: socket.socket, marker: bytes, deadline: float) -> tuple[bytes | None, bytes, int, bool]:
+        """Demultiplex the exec stream until end of stream or the deadline.
+
+        Stream 1 carries only the harness's result line; stream 2 the program's output, kept up
+        to the cap and drained past it (a blocked writer would otherwise look like a timeout).
+        """
+        limit = self.cfg.output_limit_bytes
+        result = bytearray()
+        output = bytearray()
+        total = 0
+        buffer = bytearray()
+        done_at: float | None = None  # set when the result line is complete
+        while True:
+            now = time.monotonic()
+            until = deadline if done_at is None else min(deadline, done_at + GRACE_S)
+            if now >= until:
+                timed_out = done_at is None
+                break
+            ready, _, _ = select.select([sock], [], [], until - now)
+            if not ready:
+                continue
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                timed_out = False
+                break
+            buffer += chunk
+            while len(buffer) >= 8:
+                stream, size = struct.unpack(">BxxxL", buffer[:8])
+                if len(buffer) < 8 + size:
+                    break
+                data = bytes(buffer[8 : 8 + size])
+                del buffer[: 8 + size]
+                if stream == 1:
+                    if len(result) < RESULT_LIMIT:
+                        result += data[: RESULT_LIMIT - len(result)]
+                    if done_at is None and _result_line(result, marker) is not None:
+                        done_at = time.monotonic()
+                else:
+                    total += len(data)
+                    if len(output) < limit:
+                        output += data[: limit - len(output)]
+        return _result_line(result, marker), bytes(output), total, timed_out
+
+    def _oom_kills(self, container: Any) -> int | None:
+        """The container cgroup's OOM-kill count, read from inside (cgroup v2, then v1)."""
+        script = (
+            "cat /sys/fs/cgroup/memory.events 2>/dev/null || cat /sys/fs/cgroup/memory/memory.oom_control"
+        )
+        try:
+            code, out = container.exec_run(["sh", "-c", script], user="65534:65534")
+        except Exception:  # noqa: BLE001 - the container died: no count
+            return None
+        for line in out.decode("utf-8", "replace").splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill" and value.strip().isdigit():
+                return int(value)
+        return None
+
+    def _attempt(self, program: str, tests: str | None, entry_point: str | None, timeout_s: float) -> Evaluation:
+        container = self._acquire()
+        marker = ("\x1e" + secrets.token_hex(16) + ":").encode()
+        payload = json.dumps(
+            {"program": program, "tests": tests, "entry_point": entry_point, "marker": marker.decode(), "limit": ERROR_TEXT_LIMIT}
+        ).encode()
+        try:
+            run = self._exec(container, payload, marker, timeout_s)
+        except Exception as exc:  # noqa: BLE001 - the engine or the container failed under us
+            self._recycle(container)
+            raise SandboxInfraError(f"{type(exc).__name__}: {exc}") from exc
+        evaluation = Evaluation(
+            outcome="error",
+            output=run.output.decode("utf-8", "replace"),
+            output_truncated=run.output_bytes > len(run.output),
+            exit_code=run.exit_code,
+            seconds=round(run.seconds, 4),
+        )
+        result = run.result or {}
+        healthy = bool(result) and not run.timed_out and not result.get("leftover")
+        if run.timed_out:
+            evaluation.outcome = "timeout"
+            evaluation.error_text = f"Timed out: the program ran longer than {timeout_s:g} s and was killed."
+        elif result:
+            evaluation.outcome = result["outcome"]
+            evaluation.error_text = result.get("error_text", "")
+            evaluation.tests = result.get("tests", [])
+            evaluation.leftover_processes = len(result.get("leftover") or [])
+        else:
+            evaluation.outcome, evaluation.error_text = self._no_result(container, run)
+        # A child killed for memory while the harness lived on leaves the count raised: still an OOM.
+        if result.get("oom_kills"):
+            evaluation.outcome = "oom"
+            evaluation.error_text = _oom_text(self.cfg.memory_mb)
+            healthy = False
+        if not healthy:
+            self._recycle(container)
+            evaluation.recycled = True
+        else:
+            self._release(container)
+        if evaluation.outcome not in OUTCOMES:
+            raise SandboxInfraError(f"harness reported unknown outcome {evaluation.outcome!r}")
+        return evaluation
+
+    def _no_result(self, container: Any, run: _Exec) -> tuple[str, str]:
+        """The process ended without a result: killed for memory, by itself, or the engine failed."""
+        try:
+            container.reload()
+            running = container.status == "running"
+            oom_flag = bool(container.attrs.get("State", {}).get("OOMKilled"))
+        except Exception as exc:  # noqa: BLE001
+            raise SandboxInfraError(f"container vanished: {exc}") from exc
+        kills = self._oom_kills(container) if running else None
+        if oom_flag or (kills or 0) > 0:
+            return "oom", _oom_text(self.cfg.memory_mb)
+        if not running:
+            raise SandboxInfraError(f"container stopped during the evaluation (exit code {run.exit_code})")
+        if run.exit_code is None:
+            raise SandboxInfraError("the exec ended without an exit code")
+        how = f"was killed by signal {run.exit_code - 128}" if run.exit_code > 128 else f"exited with code {run.exit_code}"
+        return "error", f"The program's process {how} before the tests finished."
+
+    def run(
+        self, program: str, tests: str | None = None, entry_point: str | None = None, timeout_s: float | None = None
+    ) -> Evaluation:
+        """Run ``program`` then ``tests`` (HumanEval ``check(candidate)``, unittest, or plain asserts)."""
+        timeout = self.cfg.timeout_s if timeout_s is None else timeout_s
+        errors = []
+        for attempt in range(1, self.cfg.retries + 2):
+            try:
+                evaluation = self._attempt(program, tests, entry_point, timeout)
+                evaluation.attempts = attempt
+                return evaluation
+            except SandboxInfraError as exc:
+                errors.append(str(exc))
+        return Evaluation(
+            outcome="sandbox_error",
+            error_text="sandbox failure after {} attempts: {}".format(len(errors), " | ".join(errors)),
+            attempts=len(errors),
+        )
+
+    # -- lifetime -------------------------------------------------------------------------
+
+    def warm(self) -> None:
+        """Start every container of the pool now, so the first evaluations do not wait."""
+        started = []
+        try:
+            while len(started) + self._idle.qsize() < self.cfg.pool_size:
+                started.append(self._acquire())
+        finally:
+            for container in started:
+                self._release(container)
+
+    def close(self) -> None:
+        """Remove every container this pool started. Idempotent; also runs at exit."""
+        self._closed = True
+        with self._lock:
+            containers = [c for c in self._live.values() if c is not None]
+        for container in containers:
+            self._remove(container)
+        while not self._idle.empty():
+            self._idle.get_nowait()
+        _open_pools.discard(self)
+
+    def __enter__(self) -> "Sandbox":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _result_line(stream: bytearray | bytes, marker: bytes) -> bytes | None:
+    at = stream.rfind(marker)
+    if at < 0:
+        return None
+    end = stream.find(b"\n", at)
+    return None if end < 0 else bytes(stream[at + len(marker) : end])
+
+
+def _oom_text(memory_mb: int) -> str:
+    return f"Out of memory: the program used more than {memory_mb} MB and was killed."
+
+
+_open_pools: "weakref.WeakSet[Sandbox]" = weakref.WeakSet()
+_shared: dict[tuple, Sandbox] = {}
+_shared_lock = threading.Lock()
+
+
+def shared(cfg: SandboxConfig | None = None) -> Sandbox:
+    """One pool per configuration per process, so rewards for many problems reuse warm containers."""
+    cfg = cfg or SandboxConfig()
+    key = tuple(sorted(asdict(cfg).items()))
+    with _shared_lock:
+        pool = _shared.get(key)
+        if pool is None or pool._closed:
+            pool = _shared[key] = Sandbox(cfg)
+        return pool
+
+
+@atexit.register
+def _close_all() -> None:
+    for pool in list(_open_pools):
+        pool.close()
+
+
+def leftover_containers(client: Any = None, all_owners: bool = False) -> list[Any]:
+    """Sandbox containers on this engine; by default only those whose owning process is gone."""
+    client = client or docker_client()
+    found = client.containers.list(all=True, filters={"label": LABEL})
+    if all_owners:
+        return found
+    host = socket.gethostname()
+    stale = []
+    for container in found:
+        owner_host, _, pid = container.labels.get(OWNER_LABEL, ":").partition(":")
+        # Another host's containers are never judged from here: their owner may be alive.
+        if owner_host == host and (not pid.isdigit() or not _alive(int(pid))):
+            stale.append(container)
+    return stale
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
