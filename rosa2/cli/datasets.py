@@ -17,8 +17,10 @@ def cmd(args: argparse.Namespace) -> int:
         width = max(len(n) for n in data.KNOWN)
         for spec in data.KNOWN.values():
             print(f"{spec.name:<{width}}  {spec.domain:<6}  {spec.source:<52}  {spec.description}")
-        print("\nAlso: NAME:PATH or PATH for a local .jsonl/.jsonl.gz/.parquet file (layouts: "
-              + ", ".join(LAYOUTS) + "), or any hub id owner/name.")
+        print("\nAlso: --show NAME:PATH (a local .jsonl/.jsonl.gz/.parquet file read with the layout of a known "
+              "dataset or a layout below), --show PATH (layout recognised by its fields), or any hub id owner/name.\n")
+        for layout in LAYOUTS.values():
+            print(f"layout {layout.name:<14} {layout.domain:<6}  fields: {layout.fields}")
         return 0
     cfg = from_args(DataConfig, args, dataset=args.show, limit=args.limit or 3)
     problems = data.load_problems(cfg)

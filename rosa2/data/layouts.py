@@ -52,11 +52,16 @@ def _meta(row: Row, *names: str) -> dict[str, Any]:
 def _math(row: Row, name: str, index: int) -> Problem:
     question, answer = field(row, "problem", "question"), field(row, "answer")
     return Problem(
-        id=f"{name}:{_native_id(row, index, 'unique_id', 'id', 'idx')}",
+        # not MATH-500's unique_id: local copies often drop it, and an id must not depend on the source
+        id=f"{name}:{_native_id(row, index, 'id', 'idx')}",
         prompt=prompts.math_prompt(str(question)),
         domain="math",
         answer=str(answer).strip(),
-        metadata={"dataset": name, "question": question, **_meta(row, "subject", "type", "level", "url", "year", "template", "language")},
+        metadata={
+            "dataset": name,
+            "question": question,
+            **_meta(row, "subject", "type", "level", "unique_id", "url", "year", "template", "language"),
+        },
     )
 
 
