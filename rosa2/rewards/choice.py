@@ -1,10 +1,10 @@
 """Multiple-choice reward (GPQA-diamond, MMLU-Redux, SuperGPQA): +1 when the chosen letter is the gold.
 
 The letter is read, most explicit form first, from: the last ``\\boxed{C}`` (also ``\\boxed{(C)}``,
-``\\boxed{\\text{C}}``, ``\\boxed{C) ...}``); the last "answer is C" / "Answer: (C)"; the last
-parenthesised "(C)"; the last standalone capital letter among the problem's options. In the last,
-weakest form, "A" and "I" followed by a lower-case word are read as English ("A good choice..."),
-not as options.
+``\\boxed{\\text{C}}``, ``\\boxed{C) ...}``); the last "answer is C" / "Answer: (C)" / "correct
+option is C"; the last parenthesised "(C)"; the last standalone capital letter among the problem's
+options. "A" and "I" followed by a lower-case word are read as English ("the answer is a number",
+"A good choice..."), not as options.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from rosa2.rewards.math import last_boxed
 
 _BOX_LETTER = re.compile(r"^\s*(?:\\text\s*\{\s*|\\textbf\s*\{\s*|\\mathrm\s*\{\s*)?\(?\s*([A-Za-z])\s*\)?(?:\s*\}|\b)")
 _ANSWER_IS = re.compile(
-    r"(?:final\s+answer|answer|correct\s+(?:option|choice)|option|choice)\s*(?:is|:|=)?\s*(?:option\s+)?"
-    r"[\*\s]*[\(\[]?\s*\**([A-Za-z])\b\s*\**[\)\]]?(?![\w'-])",
+    r"(?:final\s+answer|correct\s+answer|answer|correct\s+(?:option|choice))\s*(?:is|:|=)?\s*(?:option\s+)?"
+    r"[\*\s]*[\(\[]?\s*\**([A-Za-z])\**[\)\]]?(?![\w'-])",
     re.IGNORECASE,
 )
 _PAREN = re.compile(r"\(([A-Z])\)")
@@ -28,6 +28,11 @@ _STANDALONE = re.compile(r"(?<![\w\\'-])([A-Z])(?![\w'-])")
 _ENGLISH = re.compile(r"\s+[a-z]")
 # ``rich`` feedback for an answer in no recognisable form (it names no letter: that could leak the gold)
 NO_LETTER = "Your reply does not name an option. End with the letter of your choice within \\boxed{}."
+
+
+def _english(text: str, m: re.Match[str]) -> bool:
+    """"A"/"I" (any case) followed by a lower-case word is the article or pronoun, not an option."""
+    return m.group(1).upper() in "AI" and _ENGLISH.match(text, m.end(1)) is not None
 
 
 def letters(n: int) -> str:
@@ -44,7 +49,7 @@ def extract_choice(response: str, allowed: str) -> tuple[str | None, str]:
         if m and m.group(1).upper() in allowed:
             return m.group(1).upper(), "boxed"
     for m in reversed(list(_ANSWER_IS.finditer(response))):
-        if m.group(1).upper() in allowed and (m.group(1).isupper() or len(m.group(0).split()) > 1):
+        if m.group(1).upper() in allowed and not _english(response, m):
             return m.group(1).upper(), "answer_is"
     for m in reversed(list(_PAREN.finditer(response))):
         if m.group(1) in allowed:
@@ -53,7 +58,7 @@ def extract_choice(response: str, allowed: str) -> tuple[str | None, str]:
         letter = m.group(1)
         if letter not in allowed:
             continue
-        if letter in "AI" and _ENGLISH.match(response, m.end()):
+        if _english(response, m):
             continue
         return letter, "standalone"
     return None, ""

@@ -8,8 +8,10 @@ alarm interrupts, or alarms switched off) is killed and replaced, and its job re
 
 Workers are fresh interpreters (``python -c``, never ``fork``: the parent may hold torch threads
 and locks; and not ``multiprocessing``'s spawn, which re-runs the caller's main script and so fails
-in any script without a ``__main__`` guard). They start lazily, up to ``size``; any thread may
-submit jobs, and a batch spreads over all idle workers.
+in any script without a ``__main__`` guard). They start lazily, up to ``size``, from one long-lived
+thread, and die with this process even when it is killed outright (Linux parent-death signal); any
+thread may submit jobs, and a batch spreads over all idle workers. A job's wall clock starts when
+its worker is ready, so a slow start-up on a loaded host is never scored as a timeout.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import atexit
 import importlib
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -30,6 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from rosa2.errors import Rosa2Error
+
+
+STARTUP_TIMEOUT_S = 120.0  # a fresh interpreter importing sympy on a loaded 2-core host takes seconds
 
 
 @dataclass(frozen=True)
@@ -54,12 +60,25 @@ def _call(target: str, args: tuple[Any, ...]) -> Any:
     return getattr(importlib.import_module(module), name)(*args)
 
 
-def _serve(fd: int, warmup: tuple[str, ...]) -> None:
+def _die_with_parent(parent: int) -> None:
+    """A parent killed outright cannot kill its workers, and a worker stuck in C code runs no
+    Python thread that could notice: ask Linux to SIGKILL us when the parent goes (PR_SET_PDEATHSIG)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+    if os.getppid() != parent:  # it went before we asked
+        os._exit(1)
+
+
+def _serve(fd: int, warmup: tuple[str, ...], parent: int) -> None:
     """A worker's main loop: the jobs run in this process's main thread, so SIGALRM works."""
+    _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the parent, which kills us
     conn = Connection(fd)
     for target in warmup:
         _call(target, ())
+    conn.send("ready")  # job deadlines start after this: start-up under load is no job's fault
     while True:
         try:
             target, args = conn.recv()
@@ -78,13 +97,23 @@ def _serve(fd: int, warmup: tuple[str, ...]) -> None:
 class _Worker:
     def __init__(self, warmup: tuple[str, ...]) -> None:
         parent, child = socket.socketpair()
-        code = f"from rosa2.rewards.pool import _serve; _serve({child.fileno()}, {tuple(warmup)!r})"
+        code = f"from rosa2.rewards.pool import _serve; _serve({child.fileno()}, {tuple(warmup)!r}, {os.getpid()})"
         env = dict(os.environ)
         # the package may run from a checkout that is not installed: the worker must import it too
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")]))
         self.process = subprocess.Popen([sys.executable, "-c", code], pass_fds=[child.fileno()], env=env, stdin=subprocess.DEVNULL)
         child.close()
         self.conn = Connection(parent.detach())
+
+    def wait_ready(self, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+        try:
+            if self.conn.poll(timeout_s) and self.conn.recv() == "ready":
+                return
+            why = f"did not start within {timeout_s:g}s"
+        except (EOFError, OSError):
+            why = f"exited during start-up (exit code {self.process.poll()}; its error is on stderr)"
+        self.kill()
+        raise Rosa2Error(f"a worker process {why}: check that `{sys.executable} -c 'import rosa2'` works")
 
     def receive(self) -> Outcome:
         ok, value, error = self.conn.recv()
@@ -98,6 +127,44 @@ class _Worker:
         except subprocess.TimeoutExpired:  # unkillable (D state): nothing more we can do
             pass
         self.conn.close()
+
+
+class _Spawner:
+    """Starts workers from one long-lived thread. Linux sends the parent-death signal when the
+    *thread* that started a child ends, so a worker started from a short-lived task thread (Prefect
+    runs tasks in threads) would otherwise be killed with it."""
+
+    def __init__(self) -> None:
+        self._requests: queue.Queue[tuple[tuple[str, ...], queue.Queue[Any]]] = queue.Queue()
+        threading.Thread(target=self._loop, daemon=True, name="rosa2-worker-spawner").start()
+
+    def _loop(self) -> None:
+        while True:
+            warmup, reply = self._requests.get()
+            try:
+                reply.put(_Worker(warmup))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                reply.put(exc)
+
+    def start(self, warmup: tuple[str, ...]) -> _Worker:
+        reply: queue.Queue[Any] = queue.Queue(maxsize=1)
+        self._requests.put((warmup, reply))
+        result = reply.get()
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+
+_spawner: _Spawner | None = None
+_spawner_lock = threading.Lock()
+
+
+def _start_worker(warmup: tuple[str, ...]) -> _Worker:
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None:
+            _spawner = _Spawner()
+    return _spawner.start(warmup)
 
 
 class WorkerPool:
@@ -125,7 +192,9 @@ class WorkerPool:
                     return None
                 self._cond.wait()
         try:
-            return _Worker(self.warmup)
+            worker = _start_worker(self.warmup)
+            worker.wait_ready()
+            return worker
         except BaseException:
             with self._cond:
                 self._count -= 1
