@@ -155,7 +155,7 @@ class MathVerifyRewardModel:
         self.gold = gold
         self.limits = limits or MathLimits()
         self.pool = pool or verifier_pool()
-        self._gold_parse: tuple[bytes, str] | None | str = "unparsed"  # str: why it could not be parsed
+        self._gold_parse: tuple[bytes, str] | str | None = None  # (pickled parse, readable) or why it failed
 
     def get_reward(self, response: str) -> float:
         return self.score(response).reward
@@ -184,7 +184,7 @@ class MathVerifyRewardModel:
     # -- steps ------------------------------------------------------------------------------
 
     def _parsed_gold(self) -> tuple[bytes, str] | str:
-        if self._gold_parse == "unparsed":
+        if self._gold_parse is None:  # first use: parse once, keep the outcome either way
             if not (self.gold or "").strip():
                 self._gold_parse = "gold answer is empty"
             else:
