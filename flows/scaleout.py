@@ -128,9 +128,11 @@ def prepare_pool(cfg: ScaleoutConfig, root: Path | None = None) -> str:
     _load_cell_flow(cfg, root)  # fail here, not on a worker, when the cell flow does not load
     ensure_pool(cfg.pool)
     # Workers run the code at the same path on their host (a shared checkout or the worker image).
-    deployment_id = pool_cell.from_source(source=str(root), entrypoint=POOL_CELL).deploy(
-        name=cfg.deployment, work_pool_name=cfg.pool, tags=[CELL_TAG], print_next_steps=False, build=False
-    )
+    # (Flow.deploy would do the same, but under prefect 3.8.8 + fastapi 0.154 its check for online
+    # workers gets a 422 from the server; RunnerDeployment.apply registers without that check.)
+    deployment_id = pool_cell.from_source(source=str(root), entrypoint=POOL_CELL).to_deployment(
+        name=cfg.deployment, work_pool_name=cfg.pool, tags=[CELL_TAG]
+    ).apply()
     ensure_retry_automation(deployment_id, cfg.lost_after_s)
     return f"{pool_cell.name}/{cfg.deployment}"
 
@@ -188,7 +190,8 @@ def _run_on_pool(cells: list[dict[str, Any]], cfg: ScaleoutConfig) -> list[dict[
                     pending.discard(run_id)
         finals = [client.read_flow_run(run.id) for run in runs]
     return [
-        {"parameters": cell, "flow_run_id": str(run.id), "state": run.state_name, "run_count": run.run_count}
+        {"parameters": cell, "flow_run_id": str(run.id), "state": run.state_name, "run_count": run.run_count,
+         "tags": sorted(run.tags)}
         for cell, run in zip(cells, finals)
     ]
 

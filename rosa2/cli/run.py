@@ -1,0 +1,130 @@
+"""``rosa2 run``: one experiment cell per method through Prefect and MLflow, then the table.
+
+By default the four main methods on the embedded model and the embedded math set, a handful of
+problems and turns (minutes on 2 CPU cores). Shared by ``rosa2 ablate`` and ``rosa2 sweep``: the
+cell options, the server check and the end-of-run print.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from typing import Any
+
+from rosa2.config import (
+    BASE_METHODS, AdaptConfig, DataConfig, GenerationConfig, ModelConfig, SandboxConfig, SemanticConfig, SessionConfig,
+    TrackingConfig, add_arguments, from_args,
+)
+
+DEFAULT_LIMIT = 3
+DEFAULT_MAX_TURNS = 2
+
+
+def add_cell_arguments(parser: argparse.ArgumentParser, methods: bool = True) -> None:
+    """Every config field as an option (the same help text as the MLflow params)."""
+    if methods:
+        parser.add_argument(
+            "--method", dest="methods", action="extend", nargs="+", metavar="M",
+            help=f"methods to run, one cell each (default: {' '.join(BASE_METHODS)}); "
+            "baseline | textgrad | rosa | rosa2 | switch-w2p@k | switch-p2w@k",
+        )
+    parser.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help=f"problems per cell (default: {DEFAULT_LIMIT})")
+    parser.add_argument("--max-turns", type=int, default=DEFAULT_MAX_TURNS, help=f"T_max, turns per problem (default: {DEFAULT_MAX_TURNS})")
+    add_arguments(parser, ModelConfig, prefix="model_", aliases={"name": "--model"})
+    add_arguments(parser, DataConfig, skip=("limit",))
+    add_arguments(parser, SessionConfig, skip=("method", "max_turns"))
+    add_arguments(parser, GenerationConfig)
+    add_arguments(parser, AdaptConfig)
+    add_arguments(parser, SemanticConfig, prefix="semantic_")
+    add_arguments(parser, SandboxConfig, prefix="sandbox_")
+    add_tracking_arguments(parser)
+
+
+def add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
+    add_arguments(parser, TrackingConfig)
+    parser.add_argument("--json", action="store_true", help="print the final metrics of every cell as JSON")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    parser.add_argument("--verbose", action="store_true", help="show Prefect's task logs")
+
+
+def base_cell(args: argparse.Namespace, method: str = "rosa2") -> Any:
+    from tasks.cells import Cell
+
+    return Cell(
+        model=from_args(ModelConfig, args, prefix="model_"),
+        session=from_args(SessionConfig, args, method=method, max_turns=args.max_turns),
+        data=from_args(DataConfig, args, limit=args.limit),
+        generation=from_args(GenerationConfig, args),
+        adapt=from_args(AdaptConfig, args),
+        semantic=from_args(SemanticConfig, args, prefix="semantic_"),
+        sandbox=from_args(SandboxConfig, args, prefix="sandbox_"),
+    )
+
+
+def prepare_platform(tracking: TrackingConfig, verbose: bool = False) -> Any:
+    """Check both servers (one message naming what is down); a context that points Prefect at ours."""
+    from rosa2 import stack
+
+    stack.require(tracking)
+    os.environ["MLFLOW_TRACKING_URI"] = tracking.mlflow_uri
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # read when prefect is first imported
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    return temporary_settings({PREFECT_API_URL: tracking.prefect_api_url})
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+def print_outcome(outcome: Any, tracking: TrackingConfig, as_json: bool) -> None:
+    """The table (or JSON of the final metrics) and where everything is."""
+    cells = getattr(outcome, "cells", None) or [outcome]
+    if as_json:
+        print(json.dumps({
+            "study": tracking.study,
+            "cells": [
+                {"name": c.name, "method": c.summary.method, "model": c.summary.model, "dataset": c.summary.dataset,
+                 "seed": c.summary.seed, "skipped": c.skipped, "mlflow_run": c.url,
+                 "metrics": {k: _clean(v) for k, v in c.summary.summary.items()}}
+                for c in cells
+            ],
+        }, indent=1))
+        return
+    from rosa2 import report
+
+    print(report.render([c.summary for c in cells], title=f"study {tracking.study}"))
+    for c in cells:
+        print(f"  {c.name}: {'skipped (finished before) ' if c.skipped else ''}{c.url}")
+    if getattr(outcome, "url", None):
+        print(f"MLflow parent run: {outcome.url}")
+    if getattr(outcome, "prefect_url", None):
+        print(f"Prefect flow run:  {outcome.prefect_url}")
+
+
+def cmd(args: argparse.Namespace) -> int:
+    tracking = from_args(TrackingConfig, args)
+    methods = args.methods or list(BASE_METHODS)
+    base = base_cell(args, methods[0])
+    cells = [base.replace(session=SessionConfig(method=m, max_turns=base.session.max_turns, feedback=base.session.feedback)) for m in methods]
+    with prepare_platform(tracking, args.verbose):
+        from flows.experiment import cells_flow, experiment
+
+        if len(cells) == 1:
+            outcome = experiment(cells[0], tracking, None, args.progress)
+        else:
+            outcome = cells_flow(cells, tracking, f"rosa2 run {' '.join(methods)}", args.progress)
+    print_outcome(outcome, tracking, args.json)
+    return 0
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    add_cell_arguments(parser)
+    parser.set_defaults(func=cmd)

@@ -1,0 +1,30 @@
+"""``rosa2 sweep FILE``: a YAML grid (models × datasets × methods × seeds), one parent run with
+one child per cell; rerun it after a crash and finished cells are skipped."""
+
+from __future__ import annotations
+
+import argparse
+
+from rosa2.config import TrackingConfig, from_args
+from rosa2.cli.run import add_tracking_arguments, prepare_platform, print_outcome
+
+
+def cmd(args: argparse.Namespace) -> int:
+    from flows import sweep as sweep_module
+
+    spec = sweep_module.load(args.file)  # bad fields fail here, before any server or model
+    tracking = spec.tracking(from_args(TrackingConfig, args))
+    if args.check:
+        print(f"{args.file}: {len(spec.cells())} cells, study {tracking.study!r}")
+        return 0
+    with prepare_platform(tracking, args.verbose):
+        outcome = sweep_module.sweep(spec, tracking, args.progress)
+    print_outcome(outcome, tracking, args.json)
+    return 0
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="sweep YAML (see flows/sweep.py for the fields)")
+    parser.add_argument("--check", action="store_true", help="only validate the file and count its cells")
+    add_tracking_arguments(parser)
+    parser.set_defaults(func=cmd)

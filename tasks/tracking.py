@@ -1,0 +1,283 @@
+"""The one module that talks to MLflow (DESIGN §4: log at boundaries, through one small module).
+
+Layout of a study in MLflow:
+
+- one experiment per study (``TrackingConfig.study``);
+- one run per cell, tagged ``rosa2.cell_key`` (deterministic, see :mod:`tasks.cells`) and, once
+  everything is uploaded, ``rosa2.complete=true`` — a rerun finds the run by tag and either skips
+  the cell or resumes into the same run, so no duplicate runs appear;
+- sweep / ablation parents tagged ``rosa2.parent_key``; children carry ``mlflow.parentRunId``;
+- per cell: params (every config field), final metrics, per-turn curves as steps, per-problem
+  results + transcripts (``results.jsonl``) and a table, adapters under the retention policy,
+  dataset lineage, plots and the report.
+
+Everything here uses an explicit :class:`MlflowClient` and run ids (no fluent active-run state),
+so it is safe from Prefect's task threads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from rosa2.config import TrackingConfig
+from rosa2.errors import Rosa2Error
+from rosa2.records import ProblemResult
+
+TAG_CELL = "rosa2.cell_key"
+TAG_PARENT_KEY = "rosa2.parent_key"
+TAG_COMPLETE = "rosa2.complete"
+TAG_KIND = "rosa2.kind"  # cell | sweep | ablation | report
+TAG_PARENT = "mlflow.parentRunId"
+RESULTS_FILE = "results.jsonl"
+FINAL_METRICS = ("accuracy", "correction_uplift", "avg_turn", "avg_time_s", "peak_memory_mb")
+STEP_METRICS = ("accuracy_at_turn", "delta_theta_sq", "delta_x_sq")
+
+
+class TrackingError(Rosa2Error):
+    """MLflow could not be reached or refused a write; local results are kept (the message says where)."""
+
+
+def client(cfg: TrackingConfig) -> Any:
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(cfg.mlflow_uri)  # for the few helpers that read the global URI (log_table)
+    # a dead server should fail in seconds, not after minutes of retries
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    return MlflowClient(tracking_uri=cfg.mlflow_uri)
+
+
+def experiment_id(mc: Any, study: str) -> str:
+    """The study's experiment, created on first use."""
+    found = mc.get_experiment_by_name(study)
+    if found is not None:
+        if found.lifecycle_stage == "deleted":
+            mc.restore_experiment(found.experiment_id)
+        return found.experiment_id
+    try:
+        return mc.create_experiment(study, tags={"rosa2.study": study})
+    except Exception:  # noqa: BLE001 - another process created it between our two calls
+        found = mc.get_experiment_by_name(study)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def find_run(mc: Any, exp_id: str, tag: str, value: str) -> Any | None:
+    """The run carrying ``tag=value`` (the oldest, should a race ever have made two)."""
+    runs = mc.search_runs([exp_id], filter_string=f"tags.`{tag}` = '{value}'", order_by=["attributes.start_time ASC"])
+    return runs[0] if runs else None
+
+
+def is_complete(run: Any) -> bool:
+    return run is not None and run.data.tags.get(TAG_COMPLETE) == "true"
+
+
+def open_run(mc: Any, exp_id: str, tag: str, key: str, name: str, kind: str, parent_run_id: str | None = None) -> tuple[Any, bool]:
+    """(run, created): the run for ``key``, created with its tags in one call when none exists."""
+    run = find_run(mc, exp_id, tag, key)
+    if run is not None:
+        if run.info.status != "RUNNING":
+            mc.update_run(run.info.run_id, status="RUNNING")
+        return run, False
+    tags = {tag: key, TAG_KIND: kind}
+    if parent_run_id:
+        tags[TAG_PARENT] = parent_run_id
+    return mc.create_run(exp_id, tags=tags, run_name=name), True
+
+
+def _finite(value: Any) -> float:
+    # MLflow stores NaN; None (e.g. avg_turn when nothing was solved) becomes NaN so the name exists
+    return float("nan") if value is None else float(value)
+
+
+def metrics_of(summary: dict[str, Any]) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """(final scalars, per-turn curves) from a :func:`rosa2.metrics.summarize` dict."""
+    from rosa2.report import curve
+
+    finals = {k: _finite(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool) or v is None}
+    for name in FINAL_METRICS:
+        finals.setdefault(name, _finite(summary.get(name)))
+    curves = {name: curve(summary, name) for name in STEP_METRICS}
+    for key, value in summary.items():
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, (int, float)) or v is None for v in value):
+            curves.setdefault(key, [_finite(v) for v in value])
+    return finals, {k: v for k, v in curves.items() if v}
+
+
+def log_params(mc: Any, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, "None" if v is None else str(v)[:6000]) for k, v in sorted(params.items())]
+    for start in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+        mc.log_batch(run_id, params=items[start:start + 100])
+
+
+def log_metrics(mc: Any, run_id: str, summary: dict[str, Any]) -> None:
+    """Finals at step 0 and the per-turn curves with step = turn (1-based)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    finals, curves = metrics_of(summary)
+    items = [Metric(k, v, now, 0) for k, v in finals.items()]
+    items += [Metric(k, v, now, turn) for k, values in curves.items() for turn, v in enumerate(values, 1)]
+    for start in range(0, len(items), 1000):
+        mc.log_batch(run_id, metrics=items[start:start + 1000])
+
+
+def set_tags(mc: Any, run_id: str, tags: dict[str, Any]) -> None:
+    from mlflow.entities import RunTag
+
+    mc.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_results(mc: Any, run_id: str, results: list[ProblemResult]) -> None:
+    """Per-problem results and transcripts as ``results.jsonl``, plus a flat table for the UI."""
+    from tasks.cells import results_jsonl
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / RESULTS_FILE
+        path.write_text(results_jsonl(results))
+        mc.log_artifact(run_id, str(path))
+    table = {
+        "problem_id": [r.problem_id for r in results],
+        "solved": [r.solved for r in results],
+        "turn_solved": [r.turn_solved if r.turn_solved is not None else -1 for r in results],
+        "turns_used": [r.turns_used for r in results],
+        "scored": [r.scored for r in results],
+        "seconds": [round(r.seconds, 3) for r in results],
+        "final_prediction": [str(r.turns[-1].prediction) if r.turns else "" for r in results],
+        "final_response": [r.turns[-1].response[:500] if r.turns else "" for r in results],
+    }
+    mc.log_table(run_id, table, "results_table.json")
+
+
+def download_results(mc: Any, run_id: str) -> list[ProblemResult]:
+    from tasks.cells import read_results_jsonl
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mc.download_artifacts(run_id, RESULTS_FILE, tmp)
+        return read_results_jsonl(Path(local).read_text())
+
+
+def log_lineage(mc: Any, run_id: str, name: str, fingerprint: str, snapshot: Path, source: str) -> None:
+    """Dataset lineage: an MLflow dataset input (name, digest = fingerprint, source) and the snapshot."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    # the source is the snapshot (exactly the problems the cell saw); the name says where it came from
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are the local file
+        warnings.simplefilter("ignore")
+        dataset = MetaDataset(resolve_dataset_source(str(snapshot)), name=name, digest=fingerprint)
+    tags = [InputTag("mlflow.data.context", "eval"), InputTag("rosa2.source", source[:500])]
+    mc.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=tags)])
+    with tempfile.TemporaryDirectory() as tmp:
+        lineage = Path(tmp) / "lineage.json"
+        lineage.write_text(json.dumps({"dataset": name, "fingerprint": fingerprint, "source": source, "snapshot": snapshot.name}, indent=1))
+        mc.log_artifact(run_id, str(lineage), "dataset")
+    mc.log_artifact(run_id, str(snapshot), "dataset")
+
+
+def log_files(mc: Any, run_id: str, files: dict[str, Path], artifact_path: str | None = None) -> None:
+    for path in files.values():
+        mc.log_artifact(run_id, str(path), artifact_path)
+
+
+def log_adapter(mc: Any, run_id: str, directory: Path, problem_id: str) -> None:
+    """Adapter weights only (``save_pretrained`` of the adapter), under ``adapters/<problem id>``."""
+    mc.log_artifacts(run_id, str(directory), f"adapters/{safe_name(problem_id)}")
+
+
+def safe_name(problem_id: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in problem_id)
+
+
+def finish(mc: Any, run_id: str, status: str = "FINISHED") -> None:
+    mc.set_terminated(run_id, status)
+
+
+def run_url(cfg: TrackingConfig, run: Any) -> str:
+    return f"{cfg.mlflow_uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+
+
+def experiment_url(cfg: TrackingConfig, exp_id: str) -> str:
+    return f"{cfg.mlflow_uri.rstrip('/')}/#/experiments/{exp_id}"
+
+
+def cell_runs(mc: Any, study: str) -> list[Any]:
+    """Finished cell runs of a study (for reports and adapter look-ups)."""
+    exp = mc.get_experiment_by_name(study)
+    if exp is None:
+        raise TrackingError(f"study {study!r} has no MLflow experiment at {mc.tracking_uri}; run a cell first")
+    return list(mc.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`{TAG_KIND}` = 'cell' and tags.`{TAG_COMPLETE}` = 'true'",
+        order_by=["attributes.start_time ASC"], max_results=5000,
+    ))
+
+
+def summary_from_run(mc: Any, run: Any) -> dict[str, Any]:
+    """A summary dict rebuilt from a run's logged metrics (finals + per-turn histories)."""
+    summary: dict[str, Any] = {}
+    for name, value in run.data.metrics.items():
+        history = mc.get_metric_history(run.info.run_id, name)
+        steps = sorted((m.step, m.value) for m in history if m.step > 0)
+        if steps:
+            summary[name] = [v for _, v in steps]
+            finals = [m.value for m in history if m.step == 0]
+            if finals:
+                summary[name + "@final"] = finals[-1]
+        else:
+            summary[name] = None if isinstance(value, float) and math.isnan(value) else value
+    return summary
+
+
+@contextmanager
+def system_metrics(run_id: str) -> Iterator[None]:
+    """MLflow's system metrics (GPU utilisation and memory) while a cell runs — on GPU hosts only."""
+    try:
+        import torch
+
+        gpu = torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        gpu = False
+    if not gpu:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
+def register_adapter(mc: Any, run_id: str, problem_id: str, name: str, alias: str) -> Any:
+    """Promote a session's adapter to the Model Registry under ``name`` with ``alias``."""
+    from mlflow.exceptions import MlflowException
+
+    run = mc.get_run(run_id)
+    source = f"{run.info.artifact_uri.rstrip('/')}/adapters/{safe_name(problem_id)}"
+    try:
+        mc.create_registered_model(name, tags={"rosa2.kind": "adapter"})
+    except MlflowException as exc:
+        if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+            raise
+    version = mc.create_model_version(
+        name, source=source, run_id=run_id,
+        tags={"rosa2.problem_id": problem_id, "base_model": run.data.params.get("model.name", "")},
+    )
+    mc.set_registered_model_alias(name, alias, version.version)
+    return version
