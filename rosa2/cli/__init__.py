@@ -16,6 +16,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "datasets": ("rosa2.cli.datasets", "List the known datasets, or print a dataset's problems as the model sees them"),
     "team": ("rosa2.cli.team", "Bring the team topology up on this machine: PostgreSQL, Prefect and MLflow on it, a work pool"),
     "worker": ("rosa2.cli.worker", "Start a Prefect worker of a work pool, pinned to one GPU"),
+    "stack": ("rosa2.cli.stack", "Start, stop or show the local Prefect and MLflow servers (loopback)"),
+    "run": ("rosa2.cli.run", "Run experiment cells (one per method) through Prefect and MLflow; print the table"),
+    "ablate": ("rosa2.cli.ablate", "Run the Switch ablation (six methods) on one model and dataset"),
+    "sweep": ("rosa2.cli.sweep", "Run a YAML grid of models x datasets x methods x seeds (resumable)"),
+    "deploy": ("rosa2.cli.deploy", "Register the nightly sweep deployment with a cron schedule on Prefect"),
+    "report": ("rosa2.cli.report", "Print a study's tables (paper Tables 1, 2, 4); write plots; publish"),
+    "adapters": ("rosa2.cli.adapters", "List, pull, show (per-layer norms) or promote session adapters"),
 }
 
 
