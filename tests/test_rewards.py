@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from rosa2.config import DataConfig
+from rosa2.data import load_problems
 from rosa2.errors import Rosa2Error
 from rosa2.records import Problem
 from rosa2.rewards import reward_for
@@ -219,6 +221,10 @@ def test_choice_reward_outcomes():
 def test_reward_for_dispatches_on_domain():
     assert isinstance(reward_for(math_problem("1")), MathReward)
     assert isinstance(reward_for(choice_problem("A")), ChoiceReward)
+    code = load_problems(DataConfig(dataset="humaneval", limit=1))[0]
+    from rosa2.rewards.code import CodeReward  # built lazily: no container starts until score()
+
+    assert isinstance(reward_for(code), CodeReward)
     with pytest.raises(Rosa2Error, match="domain='poetry'"):
         reward_for(Problem(id="x", prompt="", domain="poetry"))
     with pytest.raises(Rosa2Error, match="metadata\\['choices'\\]"):
