@@ -140,12 +140,15 @@ class SemanticConfig:
             raise ConfigError("critic='openai' needs api_base and api_model")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens={self.max_new_tokens!r} must be >= 1")
+    batch_size: int = _help("Critic prompts generated together when refining many sessions at once", default=8)
 
 
 BASE_METHODS = ("baseline", "textgrad", "rosa", "rosa2")
 SWITCH_METHODS = ("switch-w2p", "switch-p2w")
 METHOD_RE = re.compile(r"(baseline|textgrad|rosa2?|switch-w2p|switch-p2w)(?:@(\d+))?")
 DEFAULT_SWITCH_TURN = 5
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size!r} must be >= 1")
 
 
 @dataclass

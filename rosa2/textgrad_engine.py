@@ -1,0 +1,282 @@
+"""TextGrad on our own models: the engines and the computation graph of one semantic update.
+
+Importing this module imports ``textgrad`` (~2.4 s, plus litellm); ``rosa2.semantic`` imports it
+lazily, on the first ``SemanticStream``. ``import rosa2`` has already pointed TextGrad's log folder
+under the project home and made litellm read its price list locally (``rosa2.env``).
+
+Two LLM calls per refinement, both through TextGrad's own machinery:
+
+1. **backward** — the loss is the user's verdict on the failed answer y_t (a
+   ``StringBasedFunction``: no LLM call, the environment already judged y_t). ``loss.backward``
+   asks the critic for feedback on the next message x_{t+1} given the problem, the earlier turns,
+   y_t and the verdict: the textual gradient.
+2. **step** — ``TGD.step`` asks the critic to rewrite x_{t+1} with that feedback; the reply must
+   carry ``<IMPROVED_VARIABLE>`` tags, else TextGrad raises IndexError.
+
+Batching: TextGrad calls its engine one prompt at a time. ``ChatEngine.run_batched`` runs a list
+of such single-call steps twice: a planning pass records each step's prompt (the engine raises
+before generating), one batched generation answers them all, a replay pass serves the answers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, TypeVar
+
+import textgrad as tg
+from textgrad.autograd import StringBasedFunction
+from textgrad.engine import EngineLM
+
+from rosa2.errors import Rosa2Error
+
+T = TypeVar("T")
+Key = tuple[str, str]  # (system prompt, prompt)
+
+TGD_TAGS = ("<IMPROVED_VARIABLE>", "</IMPROVED_VARIABLE>")
+
+# Role descriptions matter to TextGrad ("being specific often helps quite a bit").
+MESSAGE_ROLE = (
+    "the user's next message to the AI assistant, sent right after the user rejected the assistant's "
+    "answer; the assistant reads it before its next attempt at the same problem, so it should lead "
+    "the assistant to find and fix its mistake"
+)
+EMPTY_MESSAGE_ROLE = MESSAGE_ROLE + " (the user wrote nothing yet: the whole message has to be written)"
+VERDICT_PURPOSE = (
+    "the user checks whether the assistant's answer solves the problem; the assistant will then read "
+    "the user's next message and try again"
+)
+VERDICT = "Rejected: the assistant's answer does not solve the problem correctly."
+CONSTRAINTS = [
+    "The improved variable is only the message itself, written by the user to the assistant, in at most three sentences.",
+    "Say what the assistant should check or redo; do not state a final answer.",
+]
+
+
+class _Planned(Exception):
+    """Raised by an engine in planning mode instead of generating: carries the prompt it was given."""
+
+    def __init__(self, key: Key) -> None:
+        super().__init__("planned")
+        self.key = key
+
+
+class ChatEngine(EngineLM):
+    """A TextGrad engine (``EngineLM``) over a chat model; subclasses implement ``_complete``.
+
+    ``calls`` counts the prompts actually generated (one per LLM call, batched or not)."""
+
+    def __init__(self, model_string: str, max_new_tokens: int, batch_size: int) -> None:
+        self.model_string = model_string
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self.calls = 0
+        self._planning = False
+        self._replies: dict[Key, list[str]] = {}
+
+    def generate(self, prompt: Any, system_prompt: str | None = None, **kwargs: Any) -> str:
+        if not isinstance(prompt, str):
+            raise Rosa2Error(f"the semantic stream's engine takes text prompts only, got {type(prompt).__name__}")
+        key = (system_prompt or self.system_prompt, prompt)
+        if self._replies.get(key):
+            return self._replies[key].pop(0)
+        if self._planning:
+            raise _Planned(key)
+        return self.complete([key])[0]
+
+    def __call__(self, prompt: Any, **kwargs: Any) -> str:  # EngineLM.__call__ returns None
+        return self.generate(prompt, **kwargs)
+
+    def complete(self, keys: list[Key]) -> list[str]:
+        """Generate one reply per (system prompt, prompt), ``batch_size`` at a time."""
+        replies: list[str] = []
+        for start in range(0, len(keys), self.batch_size):
+            chunk = keys[start : start + self.batch_size]
+            replies.extend(self._complete(chunk))
+            self.calls += len(chunk)
+        return replies
+
+    def _complete(self, keys: list[Key]) -> list[str]:
+        raise NotImplementedError
+
+    def run_batched(self, steps: list[Callable[[], T]]) -> list[T]:
+        """Run steps that each make (at most) one engine call, generating all their calls together.
+
+        A step that makes a second call still works: that call is generated on its own."""
+        results: list[Any] = [None] * len(steps)
+        waiting: list[tuple[int, Key]] = []
+        self._planning = True
+        try:
+            for i, step in enumerate(steps):
+                try:
+                    results[i] = step()
+                except _Planned as planned:
+                    waiting.append((i, planned.key))
+        finally:
+            self._planning = False
+        try:
+            keys = [key for _, key in waiting]
+            for key, reply in zip(keys, self.complete(keys)):
+                self._replies.setdefault(key, []).append(reply)
+            for i, _ in waiting:
+                results[i] = steps[i]()
+        finally:
+            self._replies.clear()
+        return results
+
+
+@contextlib.contextmanager
+def adapter_disabled(model: Any) -> Iterator[None]:
+    """The base model θ_base: a PEFT ``PeftModel``'s adapter is switched off inside the block."""
+    if type(model).__module__.startswith("peft."):
+        with model.disable_adapter():
+            yield
+    else:
+        yield
+
+
+class LocalEngine(ChatEngine):
+    """A transformers causal LM behind TextGrad: chat template, greedy decoding, adapter off.
+
+    Generation stops at TextGrad's closing tag, so an update that follows the format costs no
+    tokens after it."""
+
+    def __init__(self, model: Any, tokenizer: Any, device: Any, *, name: str, max_new_tokens: int, batch_size: int) -> None:
+        super().__init__(name, max_new_tokens, batch_size)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+
+    def _chat_ids(self, system: str, prompt: str) -> list[int]:
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+        try:
+            out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+        except Exception:  # templates without a system role (e.g. Gemma): fold it into the user turn
+            merged = [{"role": "user", "content": f"{system}\n\n{prompt}"}]
+            out = self.tokenizer.apply_chat_template(merged, add_generation_prompt=True, return_dict=True)
+        return list(out["input_ids"])
+
+    def _complete(self, keys: list[Key]) -> list[str]:
+        import torch
+
+        rows = [self._chat_ids(system, prompt) for system, prompt in keys]
+        width = max(map(len, rows))
+        pad = self.tokenizer.pad_token_id
+        # left padding: every row's generation starts at the same column
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+        with torch.no_grad(), adapter_disabled(self.model):
+            out = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=pad,
+                stop_strings=[TGD_TAGS[1]],
+                tokenizer=self.tokenizer,
+            )
+        eos = self.tokenizer.eos_token_id
+        stop = set(eos if isinstance(eos, list) else [eos]) | {pad}
+        replies = []
+        for row in out[:, width:].tolist():
+            end = next((i for i, tok in enumerate(row) if tok in stop), len(row))
+            replies.append(self.tokenizer.decode(row[:end], skip_special_tokens=True))
+        return replies
+
+
+class OpenAIEngine(ChatEngine):
+    """An OpenAI-compatible chat endpoint (vLLM, TGI, a hosted API) as the critic. Greedy."""
+
+    def __init__(self, api_base: str, api_model: str, api_key_env: str, *, max_new_tokens: int, batch_size: int) -> None:
+        from openai import OpenAI
+
+        super().__init__(api_model, max_new_tokens, batch_size)
+        key = os.environ.get(api_key_env)
+        if not key:
+            raise Rosa2Error(
+                f"critic='openai' reads its API key from ${api_key_env}, which is not set; set it "
+                "(any value for an endpoint that needs none) or choose another variable with api_key_env"
+            )
+        self.client = OpenAI(base_url=api_base, api_key=key)
+
+    def _complete(self, keys: list[Key]) -> list[str]:
+        replies = []
+        for system, prompt in keys:
+            response = self.client.chat.completions.create(
+                model=self.model_string,
+                messages=[{"role": "system", "content": system}, {"role": "user", "content": prompt}],
+                max_tokens=self.max_new_tokens,
+                temperature=0,
+            )
+            replies.append(response.choices[0].message.content or "")
+        return replies
+
+
+class Text(tg.Variable):
+    """A TextGrad variable shown whole in every prompt.
+
+    TextGrad's prompts show ``get_short_value()``, the first and last 10 words; the critic must
+    read the whole failed answer and the whole user message (a traceback, say) to critique them."""
+
+    def get_short_value(self, n_words_offset: int = 10) -> str:
+        return self.value
+
+
+def _verdict(**_: Any) -> str:
+    # The environment has already scored y_t (r = -1); the loss only states it, never the gold answer.
+    return VERDICT
+
+
+def transcript(question: str, history: list[dict[str, str]]) -> str:
+    """The earlier turns as plain text, without the problem statement itself (shown on its own)."""
+    lines = []
+    for message in history:
+        if message["role"] == "user" and message["content"] == question:
+            continue
+        lines.append(f"{message['role'].capitalize()}: {message['content']}")
+    return "\n\n".join(lines)
+
+
+@dataclass
+class Update:
+    """One semantic update as a TextGrad graph: the message variable, its loss and its optimizer."""
+
+    message: Text
+    loss: Any
+    optimizer: Any
+    engine: ChatEngine
+
+    @classmethod
+    def build(cls, engine: ChatEngine, question: str, history: list[dict[str, str]], response: str, message: str) -> "Update":
+        x = Text(message, requires_grad=True, role_description=MESSAGE_ROLE if message.strip() else EMPTY_MESSAGE_ROLE)
+        inputs = {"problem": Text(question, requires_grad=False, role_description="the problem the user asked the assistant to solve")}
+        earlier = transcript(question, history)
+        if earlier:
+            inputs["earlier_turns"] = Text(earlier, requires_grad=False, role_description="the conversation before the latest answer")
+        inputs["rejected_answer"] = Text(response, requires_grad=False, role_description="the assistant's latest answer")
+        inputs["next_user_message"] = x
+        loss = StringBasedFunction(_verdict, VERDICT_PURPOSE)(
+            inputs=inputs, response_role_description="the user's verdict on the assistant's latest answer"
+        )
+        optimizer = tg.TGD(parameters=[x], engine=engine, constraints=CONSTRAINTS)
+        return cls(message=x, loss=loss, optimizer=optimizer, engine=engine)
+
+    def backward(self) -> None:
+        """LLM call 1: the textual gradient of the verdict with respect to the message."""
+        self.loss.backward(engine=self.engine)
+
+    @property
+    def critique(self) -> str:
+        return self.message.get_gradient_text()
+
+    def step(self) -> str | None:
+        """LLM call 2: TGD applies the critique. None when the reply lacks TextGrad's tags."""
+        try:
+            self.optimizer.step()
+        except IndexError:
+            return None
+        return self.message.value

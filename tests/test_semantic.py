@@ -1,0 +1,230 @@
+"""The semantic stream (Words): TextGrad refinement of the user's next message on a local engine."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from rosa2.config import ConfigError, SemanticConfig
+from rosa2.errors import Rosa2Error
+from rosa2.models import LoadedModel, ModelError
+from rosa2.policy import Policy
+
+QUESTION = "What is 17 * 23? Give the final number."
+GOLD = "391"  # the reference answer: it exists in the test, never in the stream's inputs
+HISTORY = [{"role": "user", "content": QUESTION}]
+WRONG = "17 * 23 = 381. The answer is 381."
+SPARSE = "That is not correct, try again."
+
+
+def stream_for(loaded: LoadedModel, **cfg):
+    from rosa2.semantic import SemanticStream
+
+    return SemanticStream(Policy(loaded), SemanticConfig(**{"max_new_tokens": 8, **cfg}))
+
+
+def recording(stream):
+    """Wrap the stream's engine so every (system prompt, prompt) it generates for is kept."""
+    seen: list[tuple[str, str]] = []
+    batches: list[int] = []
+    complete = stream.engine._complete
+
+    def record(keys):
+        seen.extend(keys)
+        batches.append(len(keys))
+        return complete(keys)
+
+    stream.engine._complete = record
+    return seen, batches
+
+
+def test_tagless_reply_falls_back_to_the_raw_message(tiny):
+    stream = stream_for(tiny)
+    out = stream.refine(QUESTION, HISTORY, WRONG, SPARSE)
+    # a random model never writes <IMPROVED_VARIABLE> ... </IMPROVED_VARIABLE>
+    assert out.fallback and not out.synthesised
+    assert out.text == SPARSE and out.original == SPARSE
+    assert out.delta_x_sq == 0.0
+    assert stream.fallbacks == 1
+    assert stream.calls == 2  # backward (critique) + TGD step
+    stream.refine(QUESTION, HISTORY, WRONG, SPARSE)
+    assert stream.fallbacks == 2 and stream.calls == 4
+
+
+def test_empty_message_is_synthesised(tiny):
+    from rosa2.semantic import DEFAULT_CORRECTIVE
+
+    stream = stream_for(tiny)
+    seen, _ = recording(stream)
+    out = stream.refine(QUESTION, HISTORY, WRONG, "")
+    assert out.synthesised and out.original == ""
+    assert out.text.strip() and out.text == DEFAULT_CORRECTIVE  # tag-less reply: the default
+    assert out.fallback and stream.fallbacks == 1
+    assert out.delta_x_sq > 0
+    # the critic was asked to write the whole message, not to polish an empty one
+    assert all("the whole message has to be written" in prompt for _, prompt in seen)
+
+
+def test_reference_answer_never_reaches_the_critic(tiny):
+    from textgrad.autograd.llm_backward_prompts import BACKWARD_SYSTEM_PROMPT
+
+    stream = stream_for(tiny)
+    seen, _ = recording(stream)
+    stream.refine_many(
+        [
+            (QUESTION, HISTORY, WRONG, SPARSE),
+            (QUESTION, HISTORY, WRONG, ""),
+            (QUESTION, HISTORY + [{"role": "assistant", "content": "380"}, {"role": "user", "content": "No."}], WRONG, "Wrong again."),
+        ]
+    )
+    assert len(seen) == 6
+    for system, prompt in seen:
+        assert GOLD not in system and GOLD not in prompt
+    # and the prompts do carry what the critic needs: the problem, the failed answer, the message
+    backward = [p for s, p in seen if s == BACKWARD_SYSTEM_PROMPT]
+    assert len(backward) == 3
+    assert all(QUESTION in p and WRONG in p for p in backward)
+    assert SPARSE in backward[0] and "Assistant: 380" in backward[2]
+
+
+def test_critic_runs_on_the_base_model_with_the_adapter_disabled(tiny):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    base = copy.deepcopy(tiny.model)
+    lora = get_peft_model(tiny.model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)  # a nonzero adapter: θ ≠ 0
+    probe = torch.arange(5, 40)[None]
+    with torch.no_grad():
+        assert not torch.allclose(lora(probe).logits, base(probe).logits, atol=1e-4)
+
+    captured = []
+
+    def hook(module, args, kwargs, output):
+        if not captured:  # the prefill of the first critic call
+            captured.append((kwargs["input_ids"], kwargs.get("attention_mask"), output.logits[:, -1]))
+
+    inner = lora.base_model.model  # the causal LM that PEFT wraps
+    handle = inner.register_forward_hook(hook, with_kwargs=True)
+    try:
+        stream = stream_for(LoadedModel(lora, tiny.tokenizer, "tiny-lora", tiny.device))
+        stream.refine(QUESTION, HISTORY, WRONG, SPARSE)
+    finally:
+        handle.remove()
+    input_ids, mask, critic_logits = captured[0]
+    with torch.no_grad():
+        expected = base(input_ids=input_ids, attention_mask=mask).logits[:, -1]
+        adapted = lora(input_ids=input_ids, attention_mask=mask).logits[:, -1]  # adapter back on afterwards
+    assert torch.allclose(critic_logits, expected, atol=1e-5)
+    assert not torch.allclose(adapted, expected, atol=1e-4)
+
+
+def test_delta_x_sq_is_the_squared_distance_of_mean_embeddings(tiny):
+    import torch
+
+    stream = stream_for(tiny)
+    assert stream.delta_x_sq(SPARSE, SPARSE) == 0.0
+    changed = stream.delta_x_sq(SPARSE, "Check the multiplication 17 * 23 digit by digit.")
+    assert changed > 0
+    assert changed == pytest.approx(stream.delta_x_sq("Check the multiplication 17 * 23 digit by digit.", SPARSE))
+    ids = tiny.tokenizer(SPARSE, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        mean = tiny.model.get_input_embeddings()(torch.tensor(ids)).mean(0)
+    assert stream.delta_x_sq("", SPARSE) == pytest.approx(float((mean**2).sum()), rel=1e-5)
+
+
+def test_refine_many_batches_each_call_and_matches_one_by_one(tiny):
+    import torch
+
+    from rosa2.semantic import DEFAULT_CORRECTIVE
+
+    items = [
+        (QUESTION, HISTORY, WRONG, SPARSE),
+        ("Name the capital of France.", [{"role": "user", "content": "Name the capital of France."}], "Lyon", ""),
+        (QUESTION, HISTORY, "I do not know.", "The answer must be a number."),
+    ]
+    prefill = []  # next-token logits after each prompt, row by row
+
+    def hook(module, args, kwargs, output):
+        if kwargs["input_ids"].shape[1] > 1:
+            prefill.extend(output.logits[:, -1])
+
+    handle = tiny.model.register_forward_hook(hook, with_kwargs=True)
+    try:
+        batched = stream_for(tiny, batch_size=2, max_new_tokens=2)
+        _, sizes = recording(batched)
+        together = batched.refine_many(items)
+        in_batches = list(prefill)
+        prefill.clear()
+        single = stream_for(tiny, max_new_tokens=2)
+        alone = [single.refine(*item) for item in items]
+    finally:
+        handle.remove()
+    assert sizes == [2, 1, 2, 1]  # backward for all, then TGD step for all, two prompts at a time
+    assert batched.calls == 6 and batched.fallbacks == 3
+    # left padding changes nothing the critic computes: same next-token logits as one prompt at a time
+    # (batched: 3 critiques then 3 updates; one by one: critique, update, critique, update, ...)
+    assert len(in_batches) == len(prefill) == 6
+    for got, want in zip(in_batches, prefill[0::2] + prefill[1::2]):
+        assert torch.allclose(got, want, atol=1e-4)
+    assert [r.critique for r in together] == [r.critique for r in alone]
+    assert [r.text for r in together] == [SPARSE, DEFAULT_CORRECTIVE, "The answer must be a number."]
+    assert together[1].synthesised and not together[0].synthesised
+    assert batched.refine_many([]) == []
+
+
+def test_bad_semantic_config_names_the_value(tiny, monkeypatch):
+    from rosa2.semantic import SemanticStream
+
+    with pytest.raises(ConfigError, match="batch_size=0"):
+        SemanticConfig(batch_size=0)
+    with pytest.raises(ConfigError, match="api_base and api_model"):
+        SemanticConfig(critic="openai")
+    monkeypatch.delenv("ROSA2_TEST_MISSING_KEY", raising=False)
+    cfg = SemanticConfig(critic="openai", api_base="http://127.0.0.1:9/v1", api_model="m", api_key_env="ROSA2_TEST_MISSING_KEY")
+    with pytest.raises(Rosa2Error, match=r"\$ROSA2_TEST_MISSING_KEY"):
+        SemanticStream(Policy(tiny), cfg)
+    with pytest.raises(ModelError, match="no-such-critic"):
+        SemanticStream(Policy(tiny), SemanticConfig(critic="./no-such-critic"))
+
+
+def test_nothing_is_written_to_the_working_directory(tmp_path):
+    code = textwrap.dedent(
+        f"""
+        import rosa2
+        from rosa2 import models
+        from rosa2.config import SemanticConfig
+        from rosa2.policy import Policy
+        from rosa2.semantic import SemanticStream
+        stream = SemanticStream(Policy(models.tiny_random()), SemanticConfig(max_new_tokens=4))
+        print(stream.refine({QUESTION!r}, [], {WRONG!r}, "").fallback)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("True")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_one_real_refinement_on_smollm2(smol):
+    stream = stream_for(smol, max_new_tokens=64)
+    out = stream.refine(QUESTION, HISTORY, WRONG, SPARSE)
+    print(f"\nSmolLM2 refinement: tags={'no' if out.fallback else 'yes'} seconds={out.seconds:.1f} text={out.text!r}")
+    print(f"critique={out.critique[:300]!r}")
+    assert stream.calls == 2
+    assert len(out.critique.split()) > 5  # real words from a real model
+    assert out.text.strip()
+    assert out.fallback == (stream.fallbacks == 1)
+    if out.fallback:
+        assert out.text == SPARSE and out.delta_x_sq == 0.0
+    else:
+        assert (out.delta_x_sq > 0) == (out.text != SPARSE)
