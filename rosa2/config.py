@@ -134,21 +134,21 @@ class SemanticConfig:
     api_model: str | None = _help("Model name at the endpoint when critic='openai'", default=None)
     api_key_env: str = _help("Environment variable holding the endpoint's API key", default="OPENAI_API_KEY")
     max_new_tokens: int = _help("Tokens per critic call at most", default=256)
+    batch_size: int = _help("Critic prompts generated together when refining many sessions at once", default=8)
 
     def __post_init__(self) -> None:
         if self.critic == "openai" and not (self.api_base and self.api_model):
             raise ConfigError("critic='openai' needs api_base and api_model")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens={self.max_new_tokens!r} must be >= 1")
-    batch_size: int = _help("Critic prompts generated together when refining many sessions at once", default=8)
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size!r} must be >= 1")
 
 
 BASE_METHODS = ("baseline", "textgrad", "rosa", "rosa2")
 SWITCH_METHODS = ("switch-w2p", "switch-p2w")
 METHOD_RE = re.compile(r"(baseline|textgrad|rosa2?|switch-w2p|switch-p2w)(?:@(\d+))?")
 DEFAULT_SWITCH_TURN = 5
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size={self.batch_size!r} must be >= 1")
 
 
 @dataclass
