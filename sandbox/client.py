@@ -96,7 +96,10 @@ class Sandbox:
         self._lock = threading.Lock()
         self._live: dict[str, Any] = {}  # id -> container, every one this pool started and not removed
         self._closed = False
-        self._owner = f"{socket.gethostname()}:{os.getpid()}"
+        self._removals: list[threading.Thread] = []  # background removals of recycled containers
+        # host:pid says whether the owner still lives (``leftover_containers``); the token tells
+        # apart the pools of one process
+        self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         _open_pools.add(self)
 
     # -- containers -----------------------------------------------------------------------
@@ -171,7 +174,27 @@ class Sandbox:
         """Kill and remove in the background; the next ``_acquire`` starts a fresh one."""
         with self._lock:
             self._live.pop(container.id, None)  # frees the slot now, so a replacement can start
-        threading.Thread(target=self._remove, args=(container,), daemon=True).start()
+            self._removals = [t for t in self._removals if t.is_alive()]
+            thread = threading.Thread(target=self._remove, args=(container,), daemon=True)
+            self._removals.append(thread)
+        thread.start()
+
+    def settle(self, timeout_s: float = 60.0) -> None:
+        """Wait until every recycled container is removed (tests and ``close`` use it)."""
+        with self._lock:
+            pending = list(self._removals)
+        for thread in pending:
+            thread.join(timeout_s)
+
+    @property
+    def owner(self) -> str:
+        """The value of the ``rosa2.sandbox.owner`` label on this pool's containers."""
+        return self._owner
+
+    def containers(self) -> list[Any]:
+        """The containers this pool holds now (idle or busy)."""
+        with self._lock:
+            return [c for c in self._live.values() if c is not None]
 
     # -- one evaluation -------------------------------------------------------------------
 
@@ -359,10 +382,9 @@ class Sandbox:
     def close(self) -> None:
         """Remove every container this pool started. Idempotent; also runs at exit."""
         self._closed = True
-        with self._lock:
-            containers = [c for c in self._live.values() if c is not None]
-        for container in containers:
+        for container in self.containers():
             self._remove(container)
+        self.settle()  # daemon threads die with the process: finish removals before exit
         while not self._idle.empty():
             self._idle.get_nowait()
         _open_pools.discard(self)
@@ -417,7 +439,7 @@ def leftover_containers(client: Any = None, all_owners: bool = False) -> list[An
     host = socket.gethostname()
     stale = []
     for container in found:
-        owner_host, _, pid = container.labels.get(OWNER_LABEL, ":").partition(":")
+        owner_host, pid = (container.labels.get(OWNER_LABEL, "").split(":") + ["", ""])[:2]
         # Another host's containers are never judged from here: their owner may be alive.
         if owner_host == host and (not pid.isdigit() or not _alive(int(pid))):
             stale.append(container)

@@ -22,3 +22,18 @@ def tiny():
     from rosa2 import models
 
     return models.tiny_random(seed=0)
+
+
+@pytest.fixture(scope="session")
+def sandbox_image() -> str:
+    """The sandbox image name, built if missing; skips (with the reason) when no Docker engine answers."""
+    from rosa2.config import SandboxConfig
+    from sandbox.image import SandboxError, build, docker_client
+
+    image = SandboxConfig().image
+    try:
+        docker_client(timeout=10)
+    except SandboxError as exc:
+        pytest.skip(f"no Docker engine answers: {exc}")
+    build(image, log=lambda line: None)  # nothing to do when infra/setup.sh built it
+    return image

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "deploy": ("rosa2.cli.deploy", "Register the nightly sweep deployment with a cron schedule on Prefect"),
     "report": ("rosa2.cli.report", "Print a study's tables (paper Tables 1, 2, 4); write plots; publish"),
     "adapters": ("rosa2.cli.adapters", "List, pull, show (per-layer norms) or promote session adapters"),
+    "sandbox": ("rosa2.cli.sandbox", "Build the code sandbox image, run a program in it, check a HumanEval file"),
 }
 
 

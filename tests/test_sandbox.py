@@ -1,0 +1,267 @@
+"""The code reward and its sandbox: extraction and assembly, the harness's per-test results, every
+outcome through real containers, retries after infrastructure failures, the CLI, and HumanEval's
+canonical solutions (all pass their own tests, all fail another task's)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from rosa2.config import DataConfig, SandboxConfig
+from rosa2.errors import Rosa2Error
+from rosa2.records import Problem
+from rosa2.rewards.code import CodeReward, assemble, extract_code
+from sandbox import harness
+
+HUMANEVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "humaneval.jsonl.gz"
+STUB = 'from typing import List\n\n\ndef add(a: int, b: int) -> int:\n    """Sum of a and b."""\n'
+TESTS = "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(2, 2) == 4\n    assert candidate(-1, 1) == 0\n"
+PROBLEM = Problem(id="toy:add", prompt="Complete add.", domain="code", tests=TESTS, entry_point="add", metadata={"stub": STUB})
+
+
+# ---------------------------------------------------------------------------------------------
+# no Docker needed: extraction, assembly, the harness run in this process
+
+
+def test_extract_code_prefers_the_python_block_that_defines_the_entry_point():
+    reply = (
+        "Here is a helper:\n```python\ndef helper():\n    return 1\n```\nand the answer:\n"
+        "```python\ndef add(a, b):\n    return a + b\n```\n```text\nnot code\n```\nDone."
+    )
+    assert extract_code(reply, "add") == "def add(a, b):\n    return a + b"
+    assert extract_code(reply, "missing") == "def add(a, b):\n    return a + b"  # the last Python block
+    assert extract_code("```py\nx = 1\n```") == "x = 1"
+    assert extract_code("```\ny = 2\n```") == "y = 2"  # an untagged fence is taken as Python
+
+
+def test_extract_code_handles_a_truncated_fence_and_raw_code():
+    assert extract_code("```python\ndef add(a, b):\n    return a +") == "def add(a, b):\n    return a +"
+    assert extract_code("    return a + b\n") == "    return a + b"
+    assert extract_code("") == ""
+
+
+def test_assemble_full_body_and_dedented_body():
+    program, form = assemble(STUB, "def add(a, b):\n    return a + b", "add")
+    assert form == "full" and program.startswith(STUB) and program.endswith("return a + b")
+    program, form = assemble(STUB, "    return a + b\n", "add")
+    assert (form, program) == ("body", STUB + "    return a + b\n")
+    program, form = assemble(STUB, "total = a + b\nreturn total", "add")
+    assert form == "dedented-body" and "\n    total = a + b\n    return total" in program
+    assert assemble("", "print(1)", None) == ("print(1)", "full")
+
+
+def test_harness_splits_check_into_one_test_per_assert_and_reports_what_the_candidate_returned():
+    result = harness.evaluate(STUB + "    return a * b\n", TESTS, "add", 4000)
+    assert result["outcome"] == "failed"
+    assert [t["status"] for t in result["tests"]] == ["failed", "passed", "failed"]
+    assert result["tests"][0]["name"] == "assert candidate(1, 2) == 3" and result["tests"][0]["got"] == "2"
+    assert result["error_text"].startswith("Failed test: assert candidate(1, 2) == 3\n  got: 2")
+    assert "harness" not in result["error_text"]  # only the model's and the tests' frames
+
+
+def test_harness_outcomes_without_a_container():
+    assert harness.evaluate(STUB + "    return a + b\n", TESTS, "add", 4000)["outcome"] == "passed"
+    syntax = harness.evaluate("def add(a, b)\n    return a + b\n", TESTS, "add", 4000)
+    assert syntax["outcome"] == "syntax_error" and "SyntaxError" in syntax["error_text"]
+    crash = harness.evaluate("raise RuntimeError('at import')\n", TESTS, "add", 4000)
+    assert crash["outcome"] == "error" and "RuntimeError: at import" in crash["error_text"]
+    missing = harness.evaluate("def other():\n    pass\n", TESTS, "add", 4000)
+    assert missing["outcome"] == "error" and "'add'" in missing["error_text"]
+    raising = harness.evaluate("def add(a, b):\n    return a / 0\n", TESTS, "add", 4000)
+    assert raising["outcome"] == "error" and "ZeroDivisionError" in raising["error_text"]
+
+
+def test_harness_keeps_check_state_and_falls_back_when_check_cannot_be_split():
+    stateful = "def check(candidate):\n    x = candidate(1, 1)\n    assert x == 2\n    for i in range(3):\n        assert candidate(i, 0) == i\n"
+    result = harness.evaluate("def add(a, b):\n    return a + b\n", stateful, "add", 4000)
+    assert result["outcome"] == "passed" and len(result["tests"]) == 2
+    returning = "def check(candidate):\n    assert candidate(1, 1) == 2\n    return\n"
+    result = harness.evaluate("def add(a, b):\n    return a + b\n", returning, "add", 4000)
+    assert result["outcome"] == "passed" and result["tests"][0]["name"] == "check(candidate)"
+
+
+def test_harness_runs_unittest_cases_one_test_per_method():
+    tests = (
+        "import unittest\nclass T(unittest.TestCase):\n"
+        "    def test_ok(self):\n        self.assertEqual(task_func(2), 4)\n"
+        "    def test_bad(self):\n        self.assertEqual(task_func(3), 6)\n"
+    )
+    result = harness.evaluate("def task_func(x):\n    return x * x\n", tests, "task_func", 4000)
+    assert result["outcome"] == "failed"
+    assert {t["name"].rsplit(".", 1)[1]: t["status"] for t in result["tests"]} == {"test_ok": "passed", "test_bad": "failed"}
+
+
+def test_code_reward_refuses_bad_problems():
+    with pytest.raises(Rosa2Error, match="domain='math'"):
+        CodeReward(Problem(id="m", prompt="1+1", domain="math", answer="2"))
+    with pytest.raises(Rosa2Error, match="no tests"):
+        CodeReward(Problem(id="c", prompt="x", domain="code", tests="  ", entry_point="f"))
+
+
+def test_build_refuses_an_unknown_method():
+    from sandbox.image import SandboxError, build
+
+    with pytest.raises(SandboxError, match="'podman'.*auto"):
+        build("rosa2-sandbox:latest", method="podman")
+
+
+# ---------------------------------------------------------------------------------------------
+# real containers
+
+
+@pytest.fixture(scope="module")
+def pool(sandbox_image):
+    from sandbox import Sandbox
+
+    with Sandbox(SandboxConfig(image=sandbox_image, timeout_s=10, memory_mb=128, retries=1)) as sandbox:
+        sandbox.warm()
+        yield sandbox
+
+
+@pytest.mark.docker
+def test_passed_failed_error_and_syntax_error_through_the_code_reward(pool):
+    reward = lambda response: CodeReward(PROBLEM, pool=pool).score(response)  # noqa: E731
+    ok = reward("Sure:\n```python\ndef add(a, b):\n    return a + b\n```")
+    assert (ok.reward, ok.outcome, ok.scored, ok.error_text) == (1.0, "passed", True, "")
+    assert ok.detail["tests_passed"] == ok.detail["tests_total"] == 3 and ok.detail["assembly"] == "full"
+    wrong = reward("    return a - b\n")
+    assert (wrong.reward, wrong.outcome, wrong.detail["assembly"]) == (-1.0, "failed", "body")
+    assert wrong.error_text.startswith("Failed test: assert candidate(1, 2) == 3\n  got: -1")
+    assert [t["status"] for t in wrong.detail["tests"]] == ["failed", "failed", "failed"]
+    crash = reward("```python\ndef add(a, b):\n    return undefined_name\n```")
+    assert crash.outcome == "error" and "NameError" in crash.error_text and crash.scored
+    broken = reward("```python\ndef add(a, b) return a\n```")
+    assert broken.outcome == "syntax_error" and "SyntaxError" in broken.error_text and broken.reward == -1.0
+
+
+@pytest.mark.docker
+def test_timeout_and_oom_are_outcomes_and_the_next_evaluation_works(pool):
+    start = time.monotonic()
+    slow = pool.run("import time\ntime.sleep(30)\n", timeout_s=2)
+    assert slow.outcome == "timeout" and slow.recycled and time.monotonic() - start < 2 + 5
+    hog = pool.run("chunks = []\nwhile True:\n    chunks.append(bytearray(8 * 2**20))\n")
+    assert hog.outcome == "oom" and hog.recycled and "128 MB" in hog.error_text
+    assert pool.run("print('fine')").output == "fine\n"
+
+
+@pytest.mark.docker
+def test_program_output_is_captured_and_tmp_starts_empty(pool):
+    first = pool.run("open('/tmp/leftover.txt', 'w').write('x')\nprint('hi')\n")
+    assert (first.outcome, first.output, first.output_truncated) == ("passed", "hi\n", False)
+    # Every evaluation that may land in the same container starts with an empty /tmp.
+    for _ in range(pool.cfg.pool_size + 1):
+        assert pool.run("import os\nassert os.listdir('/tmp') == [], os.listdir('/tmp')\n").outcome == "passed"
+
+
+@pytest.mark.docker
+def test_a_container_lost_under_the_pool_is_an_infrastructure_error_that_is_retried(pool):
+    from sandbox import Sandbox
+
+    victim = pool._acquire()
+    victim.remove(force=True)  # the engine loses a container between two evaluations
+    pool._release(victim)
+    retried = [pool.run("print(1)") for _ in range(pool.cfg.pool_size)]
+    assert all(r.outcome == "passed" for r in retried) and max(r.attempts for r in retried) == 2
+
+    with Sandbox(SandboxConfig(image=pool.cfg.image, pool_size=1, retries=0)) as fragile:
+        container = fragile._acquire()
+        container.remove(force=True)
+        fragile._release(container)
+        lost = CodeReward(PROBLEM, pool=fragile).score("    return a + b\n")
+        assert (lost.outcome, lost.scored, lost.reward) == ("sandbox_error", False, -1.0)
+        assert "sandbox failure after 1 attempts" in lost.error_text
+        assert CodeReward(PROBLEM, pool=fragile).score("    return a + b\n").outcome == "passed"
+
+
+@pytest.mark.docker
+def test_parallel_evaluations_share_the_pool_safely(pool):
+    responses = [f"    return a + b + {i % 2}\n" for i in range(8)]
+    with ThreadPoolExecutor(max_workers=6) as workers:
+        results = list(workers.map(lambda r: CodeReward(PROBLEM, pool=pool).score(r), responses))
+    assert [r.outcome for r in results] == ["passed", "failed"] * 4
+    assert len(pool.containers()) <= pool.cfg.pool_size
+
+
+@pytest.mark.docker
+def test_close_removes_every_container(sandbox_image):
+    from sandbox import Sandbox
+    from sandbox.client import OWNER_LABEL
+    from sandbox.image import docker_client
+
+    client = docker_client()
+    sandbox = Sandbox(SandboxConfig(image=sandbox_image, pool_size=2, timeout_s=2))
+    sandbox.warm()
+    sandbox.run("import time\ntime.sleep(10)")  # a recycle in flight when closing
+    owned = lambda: client.containers.list(all=True, filters={"label": f"{OWNER_LABEL}={sandbox.owner}"})  # noqa: E731
+    assert owned()
+    sandbox.close()
+    assert owned() == []
+
+
+def _labelled(client) -> set[str]:
+    from sandbox.image import LABEL
+
+    return {c.id for c in client.containers.list(all=True, filters={"label": LABEL})}
+
+
+def _rosa2(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rosa2", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.docker
+def test_cli_build_run_and_check_leave_no_container(sandbox_image, tmp_path):
+    from sandbox.image import docker_client
+
+    client = docker_client()
+    before = _labelled(client)
+    built = _rosa2("sandbox", "build")
+    assert built.returncode == 0 and "exists" in built.stdout
+
+    program = tmp_path / "add.py"
+    program.write_text("def add(a, b):\n    print('adding')\n    return a + b\n")
+    tests = tmp_path / "tests.py"
+    tests.write_text(TESTS)
+    run = _rosa2("sandbox", "run", str(program), "--tests", str(tests), "--entry-point", "add", "--json")
+    evaluation = json.loads(run.stdout)
+    assert run.returncode == 0 and evaluation["outcome"] == "passed" and len(evaluation["tests"]) == 3
+    assert evaluation["output"].startswith("adding\n")
+
+    program.write_text("def add(a, b)\n")
+    bad = _rosa2("sandbox", "run", str(program))
+    assert bad.returncode == 1 and bad.stdout.strip().splitlines()[-1].startswith("syntax_error")
+    missing = _rosa2("sandbox", "run", str(tmp_path / "nope.py"))
+    assert missing.returncode == 2 and "nope.py" in missing.stderr and "traceback" not in missing.stderr.lower()
+
+    if HUMANEVAL.is_file():
+        check = _rosa2("sandbox", "check", "--dataset", str(HUMANEVAL), "--limit", "4")
+        assert check.returncode == 0 and check.stdout.strip().splitlines()[-1] == "4 passed, 0 failed"
+        shuffled = _rosa2("sandbox", "check", "--dataset", str(HUMANEVAL), "--limit", "4", "--shuffle-tests")
+        assert shuffled.returncode == 0 and shuffled.stdout.strip().splitlines()[-1] == "0 passed, 4 failed"
+        assert "sandbox check" in check.stderr  # the progress bar goes to stderr
+    assert _labelled(client) == before
+
+
+@pytest.mark.docker
+def test_humaneval_canonical_solutions_pass_and_fail_other_tasks_tests(pool):
+    if not HUMANEVAL.is_file():
+        pytest.skip(f"{HUMANEVAL} is not here (../shared/data)")
+    from rosa2.data import load_problems
+    from sandbox import check
+
+    problems = load_problems(DataConfig(dataset=str(HUMANEVAL)))
+    assert len(problems) == 164
+    own = check.run(problems, pool)
+    failures = [(p.id, r.outcome, r.error_text[:200]) for p, r in own if r.reward < 0]
+    assert failures == []
+    assert check.summary(own) == (164, 0)
+    shuffled = check.run(problems, pool, shuffle_tests=True)
+    passing = [p.id for p, r in shuffled if r.reward > 0]
+    # wrong code may also loop or blow up on another task's inputs: any model outcome but passed
+    outcomes = {r.outcome for _, r in shuffled}
+    assert passing == [] and outcomes <= {"failed", "error", "timeout", "oom"} and "failed" in outcomes
