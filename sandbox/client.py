@@ -290,7 +290,11 @@ class Sandbox:
         container = self._acquire()
         marker = ("\x1e" + secrets.token_hex(16) + ":").encode()
         payload = json.dumps(
-            {"program": program, "tests": tests, "entry_point": entry_point, "marker": marker.decode(), "limit": ERROR_TEXT_LIMIT}
+            {
+                "program": program, "tests": tests, "entry_point": entry_point,
+                "marker": marker.decode(), "limit": ERROR_TEXT_LIMIT,
+                "scratch": "/tmp",  # the container's own tmpfs, emptied before each evaluation
+            }
         ).encode()
         try:
             run = self._exec(container, payload, marker, timeout_s)

@@ -1,9 +1,10 @@
 """The program that runs inside a sandbox container, once per evaluation, in a fresh process.
 
 Standard library only (it runs on the image's python3, not the project's venv). It reads one JSON
-payload from stdin: ``{"program", "tests", "entry_point", "marker", "limit"}``, runs the program,
-then the tests, and writes one line ``<marker><json result>`` on a private copy of stdout. The
-program's own prints go to stderr, so nothing it writes can be taken for the result.
+payload from stdin: ``{"program", "tests", "entry_point", "marker", "limit", "scratch"}``, empties
+the ``scratch`` folder and works in it, runs the program, then the tests, and writes one line
+``<marker><json result>`` on a private copy of stdout. The program's own prints go to stderr, so
+nothing it writes can be taken for the result.
 
 Tests in HumanEval's ``def check(candidate): assert ...`` form are split with ``ast`` into their
 top-level statements; each statement that contains an ``assert`` is one test, run on its own so
@@ -198,10 +199,13 @@ def other_processes():
     return sorted(int(p) for p in os.listdir("/proc") if p.isdigit() and p not in ("1", mine))
 
 
-def clear_tmp():
-    # The previous evaluation in this container may have left files: start from an empty /tmp.
-    for name in os.listdir("/tmp"):
-        path = os.path.join("/tmp", name)
+def clear_scratch(folder):
+    """Empty ``folder`` (the container's /tmp: the previous evaluation may have left files).
+
+    Only the folder the payload names is touched, never a default: the same harness runs on the
+    host in ``sandbox/bench.py`` with a fresh temporary folder of its own."""
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
         try:
             shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
         except OSError:
@@ -216,8 +220,10 @@ def main():
     os.dup2(devnull, 0)  # input() sees end-of-file instead of hanging
     os.close(devnull)
     main_pid = os.getpid()
-    clear_tmp()
-    os.chdir("/tmp")
+    scratch = payload.get("scratch")
+    if scratch:
+        clear_scratch(scratch)
+        os.chdir(scratch)
     try:
         result = evaluate(payload["program"], payload.get("tests"), payload.get("entry_point"), int(payload.get("limit", 4000)))
     finally:

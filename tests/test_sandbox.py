@@ -97,6 +97,25 @@ def test_harness_runs_unittest_cases_one_test_per_method():
     assert {t["name"].rsplit(".", 1)[1]: t["status"] for t in result["tests"]} == {"test_ok": "passed", "test_bad": "failed"}
 
 
+def test_harness_empties_only_the_scratch_folder_it_is_given(tmp_path):
+    from sandbox.bench import host_evaluate
+    from sandbox.client import HARNESS
+
+    keep = tmp_path / "keep.txt"
+    keep.write_text("mine")
+    payload = json.dumps({"program": "print(1)", "marker": "@@", "limit": 100})
+    done = subprocess.run([sys.executable, "-I", "-c", HARNESS], input=payload, capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert json.loads(done.stdout.partition("@@")[2])["outcome"] == "passed"
+    assert keep.read_text() == "mine"  # no scratch named: nothing is removed anywhere
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (scratch / "old.txt").write_text("stale")
+    payload = json.dumps({"program": "import os\nprint(os.listdir('.'))", "marker": "@@", "limit": 100, "scratch": str(scratch)})
+    done = subprocess.run([sys.executable, "-I", "-c", HARNESS], input=payload, capture_output=True, text=True, timeout=60)
+    assert done.stderr.strip() == "[]" and keep.read_text() == "mine"
+    assert host_evaluate(STUB + "    return a + b\n", TESTS, "add", 60)[0] == "passed"
+
+
 def test_code_reward_refuses_bad_problems():
     with pytest.raises(Rosa2Error, match="domain='math'"):
         CodeReward(Problem(id="m", prompt="1+1", domain="math", answer="2"))
