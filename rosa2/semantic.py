@@ -59,9 +59,9 @@ def build_engine(policy: "Policy", cfg: SemanticConfig) -> "ChatEngine":
         assert cfg.api_base and cfg.api_model  # SemanticConfig checked it
         return OpenAIEngine(cfg.api_base, cfg.api_model, cfg.api_key_env, **sizes)
     if cfg.critic == "base":
-        return LocalEngine(policy.model, policy.tokenizer, policy.device, name=f"base:{policy.source}", **sizes)
+        return LocalEngine(policy, name=f"base:{policy.source}", **sizes)
     loaded = models.load(ModelConfig(name=cfg.critic, device=str(policy.device)))
-    return LocalEngine(loaded.model, loaded.tokenizer, loaded.device, name=loaded.source, **sizes)
+    return LocalEngine(loaded, name=loaded.source, **sizes)
 
 
 class SemanticStream:

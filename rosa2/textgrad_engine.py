@@ -139,14 +139,18 @@ def adapter_disabled(model: Any) -> Iterator[None]:
 class LocalEngine(ChatEngine):
     """A transformers causal LM behind TextGrad: chat template, greedy decoding, adapter off.
 
-    Generation stops at TextGrad's closing tag, so an update that follows the format costs no
-    tokens after it."""
+    ``holder`` is anything with ``model``, ``tokenizer`` and ``device`` (a Policy, a LoadedModel),
+    read at every call: the parametric stream replaces ``policy.model`` by a PeftModel after this
+    engine exists, and the critic must see that wrapper to switch its adapter off. Generation stops
+    at TextGrad's closing tag, so an update that follows the format costs no tokens after it."""
 
-    def __init__(self, model: Any, tokenizer: Any, device: Any, *, name: str, max_new_tokens: int, batch_size: int) -> None:
+    def __init__(self, holder: Any, *, name: str, max_new_tokens: int, batch_size: int) -> None:
         super().__init__(name, max_new_tokens, batch_size)
-        self.model = model
-        self.tokenizer = tokenizer
-        self.device = device
+        self.holder = holder
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.holder.tokenizer
 
     def _chat_ids(self, system: str, prompt: str) -> list[int]:
         messages = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
@@ -164,10 +168,11 @@ class LocalEngine(ChatEngine):
         width = max(map(len, rows))
         pad = self.tokenizer.pad_token_id
         # left padding: every row's generation starts at the same column
-        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
-        with torch.no_grad(), adapter_disabled(self.model):
-            out = self.model.generate(
+        device, model = self.holder.device, self.holder.model
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        with torch.no_grad(), adapter_disabled(model):
+            out = model.generate(
                 input_ids=input_ids,
                 attention_mask=mask,
                 max_new_tokens=self.max_new_tokens,
