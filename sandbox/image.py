@@ -148,7 +148,8 @@ def build(image: str, *, force: bool = False, method: str = "auto", log: Callabl
     if method not in METHODS:
         raise SandboxError(f"build method {method!r} is not allowed; expected one of {list(METHODS)}")
     client = docker_client(timeout=600)
-    if image_exists(client, image) and not force:
+    previous = client.images.get(image).id if image_exists(client, image) else None
+    if previous and not force:
         log(f"{image} exists (use --force to rebuild)")
         return "exists"
     if method == "auto":
@@ -158,4 +159,17 @@ def build(image: str, *, force: bool = False, method: str = "auto", log: Callabl
         build_from_dockerfile(client, image, log=log)
     else:
         build_from_debian(client, image, log=log)
+    if previous and previous != client.images.get(image).id:
+        _remove_unused(client, previous, log)
     return method
+
+
+def _remove_unused(client: Any, image_id: str, log: Callable[[str], None]) -> None:
+    """Drop the image a rebuild replaced, unless a container still runs from it."""
+    import docker.errors
+
+    try:
+        client.images.remove(image_id)
+        log(f"removed the replaced image {image_id[:19]}")
+    except docker.errors.APIError as exc:
+        log(f"kept the replaced image {image_id[:19]} ({exc.explanation or exc})")
