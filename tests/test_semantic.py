@@ -197,6 +197,68 @@ def test_bad_semantic_config_names_the_value(tiny, monkeypatch):
         SemanticStream(Policy(tiny), SemanticConfig(critic="./no-such-critic"))
 
 
+@pytest.fixture()
+def chat_endpoint(tiny):
+    """An OpenAI-compatible /v1/chat/completions on 127.0.0.1, served by the tiny model."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from rosa2.textgrad_engine import LocalEngine
+
+    requests: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's naming
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            requests.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
+            engine = LocalEngine(tiny, name="tiny", max_new_tokens=body["max_tokens"], batch_size=1)
+            system, user = (m["content"] for m in body["messages"])
+            text = engine.complete([(system, user)])[0]
+            reply = json.dumps(
+                {
+                    "id": f"c{len(requests)}",
+                    "object": "chat.completion",
+                    "created": 0,
+                    "model": body["model"],
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+                }
+            ).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1", requests
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_openai_compatible_critic(tiny, chat_endpoint, monkeypatch):
+    from rosa2.semantic import SemanticStream
+
+    url, requests = chat_endpoint
+    monkeypatch.setenv("ROSA2_TEST_CRITIC_KEY", "local-key")
+    cfg = SemanticConfig(critic="openai", api_base=url, api_model="tiny-critic", api_key_env="ROSA2_TEST_CRITIC_KEY", max_new_tokens=6)
+    stream = SemanticStream(Policy(tiny), cfg)
+    out = stream.refine(QUESTION, HISTORY, WRONG, SPARSE)
+    assert out.fallback and out.text == SPARSE and stream.calls == 2
+    assert [r["path"] for r in requests] == ["/v1/chat/completions"] * 2
+    assert all(r["model"] == "tiny-critic" and r["max_tokens"] == 6 and r["temperature"] == 0 for r in requests)
+    assert all(r["auth"] == "Bearer local-key" for r in requests)
+    assert GOLD not in str(requests)
+
+
 def test_nothing_is_written_to_the_working_directory(tmp_path):
     code = textwrap.dedent(
         f"""
