@@ -146,6 +146,7 @@ class Sandbox:
                 try:
                     return self._start_container()
                 except Exception as exc:  # noqa: BLE001 - engine trouble is infrastructure
+                    self._sweep_untracked()
                     raise SandboxInfraError(f"could not start a sandbox container: {exc}") from exc
                 finally:
                     with self._lock:
@@ -155,6 +156,18 @@ class Sandbox:
             except queue.Empty:
                 if time.monotonic() > deadline:
                     raise SandboxInfraError(f"no sandbox container became free in {ACQUIRE_TIMEOUT_S:.0f} s") from None
+
+    def _sweep_untracked(self) -> None:
+        """Remove containers of this pool that were created but never handed out (a failed start)."""
+        try:
+            found = self._client.containers.list(all=True, filters={"label": f"{OWNER_LABEL}={self._owner}"})
+        except Exception:  # noqa: BLE001 - the engine is gone; `rosa2 sandbox clean` sweeps later
+            return
+        with self._lock:
+            known = set(self._live)
+        for container in found:
+            if container.id not in known:
+                self._remove(container)
 
     def _release(self, container: Any) -> None:
         if self._closed:
