@@ -44,7 +44,7 @@ def host_evaluate(
     marker = "\x1e" + secrets.token_hex(16) + ":"
     with tempfile.TemporaryDirectory(prefix="rosa2-bench-") as scratch:
         payload = json.dumps(
-            {"program": program, "tests": tests, "entry_point": entry_point, "marker": marker, "limit": 4000, "scratch": scratch}
+            {"program": program, "tests": tests, "entry_point": entry_point, "marker": marker, "limit": 4000, "scratch": [scratch]}
         )
         start = time.perf_counter()
         done = subprocess.run(

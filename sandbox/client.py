@@ -39,6 +39,8 @@ RESULT_LIMIT = 8 * 2**20  # bytes of the harness's result stream kept (it is one
 ERROR_TEXT_LIMIT = 4000  # characters of error text per test and overall
 GRACE_S = 0.5  # after the result line, how long trailing output may still arrive
 ACQUIRE_TIMEOUT_S = 120.0
+# The container's only writable places, emptied before each evaluation so none sees another's files
+SCRATCH = ["/tmp", "/dev/shm"]
 
 
 class SandboxInfraError(Exception):
@@ -115,6 +117,7 @@ class Sandbox:
             user="65534:65534",
             read_only=True,
             tmpfs={"/tmp": f"size={cfg.tmpfs_mb}m,mode=1777,nosuid,nodev"},
+            shm_size=f"{cfg.tmpfs_mb}m",  # /dev/shm stays (multiprocessing locks need it), as small as /tmp
             cap_drop=["ALL"],
             security_opt=["no-new-privileges"],
             pids_limit=cfg.pids_limit,
@@ -306,7 +309,7 @@ class Sandbox:
             {
                 "program": program, "tests": tests, "entry_point": entry_point,
                 "marker": marker.decode(), "limit": ERROR_TEXT_LIMIT,
-                "scratch": "/tmp",  # the container's own tmpfs, emptied before each evaluation
+                "scratch": SCRATCH,
             }
         ).encode()
         try:

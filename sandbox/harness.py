@@ -2,7 +2,7 @@
 
 Standard library only (it runs on the image's python3, not the project's venv). It reads one JSON
 payload from stdin: ``{"program", "tests", "entry_point", "marker", "limit", "scratch"}``, empties
-the ``scratch`` folder and works in it, runs the program, then the tests, and writes one line
+the ``scratch`` folders and works in the first, runs the program, then the tests, and writes one line
 ``<marker><json result>`` on a private copy of stdout. The program's own prints go to stderr, so
 nothing it writes can be taken for the result.
 
@@ -200,10 +200,13 @@ def other_processes():
 
 
 def clear_scratch(folder):
-    """Empty ``folder`` (the container's /tmp: the previous evaluation may have left files).
+    """Empty ``folder`` (the container's /tmp and /dev/shm: the previous evaluation may have left
+    files there).
 
-    Only the folder the payload names is touched, never a default: the same harness runs on the
-    host in ``sandbox/bench.py`` with a fresh temporary folder of its own."""
+    Only the folders the payload names are touched, never a default: the same harness runs on
+    the host in ``sandbox/bench.py`` with a fresh temporary folder of its own."""
+    if not os.path.isdir(folder):
+        return
     for name in os.listdir(folder):
         path = os.path.join(folder, name)
         try:
@@ -220,10 +223,11 @@ def main():
     os.dup2(devnull, 0)  # input() sees end-of-file instead of hanging
     os.close(devnull)
     main_pid = os.getpid()
-    scratch = payload.get("scratch")
+    scratch = payload.get("scratch") or []
+    for folder in scratch:
+        clear_scratch(folder)
     if scratch:
-        clear_scratch(scratch)
-        os.chdir(scratch)
+        os.chdir(scratch[0])
     try:
         result = evaluate(payload["program"], payload.get("tests"), payload.get("entry_point"), int(payload.get("limit", 4000)))
     finally:

@@ -110,7 +110,7 @@ def test_harness_empties_only_the_scratch_folder_it_is_given(tmp_path):
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     (scratch / "old.txt").write_text("stale")
-    payload = json.dumps({"program": "import os\nprint(os.listdir('.'))", "marker": "@@", "limit": 100, "scratch": str(scratch)})
+    payload = json.dumps({"program": "import os\nprint(os.listdir('.'))", "marker": "@@", "limit": 100, "scratch": [str(scratch)]})
     done = subprocess.run([sys.executable, "-I", "-c", HARNESS], input=payload, capture_output=True, text=True, timeout=60)
     assert done.stderr.strip() == "[]" and keep.read_text() == "mine"
     assert host_evaluate(STUB + "    return a + b\n", TESTS, "add", 60)[0] == "passed"
@@ -171,11 +171,12 @@ def test_timeout_and_oom_are_outcomes_and_the_next_evaluation_works(pool):
 
 @pytest.mark.docker
 def test_program_output_is_captured_and_tmp_starts_empty(pool):
-    first = pool.run("open('/tmp/leftover.txt', 'w').write('x')\nprint('hi')\n")
+    first = pool.run("for d in ('/tmp', '/dev/shm'):\n    open(d + '/leftover.txt', 'w').write('x')\nprint('hi')\n")
     assert (first.outcome, first.output, first.output_truncated) == ("passed", "hi\n", False)
-    # Every evaluation that may land in the same container starts with an empty /tmp.
+    # Every evaluation that may land in the same container starts with an empty /tmp and /dev/shm.
+    empty = "import os\nfor d in ('/tmp', '/dev/shm'):\n    assert os.listdir(d) == [], os.listdir(d)\nassert os.getcwd() == '/tmp'\n"
     for _ in range(pool.cfg.pool_size + 1):
-        assert pool.run("import os\nassert os.listdir('/tmp') == [], os.listdir('/tmp')\n").outcome == "passed"
+        assert pool.run(empty).outcome == "passed"
 
 
 @pytest.mark.docker

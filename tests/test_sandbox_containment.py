@@ -105,6 +105,7 @@ def test_sleep_past_the_limit_times_out(contained):
 
 
 def test_nothing_outside_the_tmpfs_is_writable_and_the_tmpfs_is_bounded(contained):
+    # /tmp and /dev/shm are the writable scratch (bounded, emptied before each evaluation)
     probe = (
         "import os\n"
         "def writable():\n"
@@ -117,8 +118,8 @@ def test_nothing_outside_the_tmpfs_is_writable_and_the_tmpfs_is_bounded(containe
         "        except OSError:\n"
         "            pass\n"
         "    return found\n"
-        "def tmp_fills():\n"
-        "    with open('/tmp/fill', 'wb') as f:\n"
+        "def fills(folder):\n"
+        "    with open(folder + '/fill', 'wb') as f:\n"
         "        try:\n"
         "            for _ in range(64):\n"
         "                f.write(b'x' * 2**20)\n"
@@ -127,7 +128,10 @@ def test_nothing_outside_the_tmpfs_is_writable_and_the_tmpfs_is_bounded(containe
         "            return exc.errno\n"
         "    return 0\n"
     )
-    tests = "import errno\ndef check(candidate):\n    assert candidate() == []\n    assert tmp_fills() == errno.ENOSPC\n"
+    tests = (
+        "import errno\ndef check(candidate):\n    assert candidate() == []\n"
+        "    assert fills('/tmp') == errno.ENOSPC\n    assert fills('/dev/shm') == errno.ENOSPC\n"
+    )
     evaluation = contained(probe, tests, "writable")
     assert evaluation.outcome == "passed", evaluation.error_text
     assert not Path("/escape.txt").exists() and not Path("/etc/escape.txt").exists()
