@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("rosa2.cli.report", "Print a study's tables (paper Tables 1, 2, 4); write plots; publish"),
     "adapters": ("rosa2.cli.adapters", "List, pull, show (per-layer norms) or promote session adapters"),
     "sandbox": ("rosa2.cli.sandbox", "Build the code sandbox image, run a program in it, check a HumanEval file"),
+    "bench": ("rosa2.cli.bench", "Measure batched against one-at-a-time sessions and each stream's cost; print JSON"),
 }
 
 

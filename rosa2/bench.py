@@ -1,0 +1,282 @@
+"""``rosa2 bench``: what batching sessions buys, and what each stream costs, measured in one run.
+
+Every arm runs the same problems with the same seeds under greedy decoding, each in a fresh
+process (so one arm's peak memory is not another's), one arm after the other on the same device:
+
+- ``sequential``: ``SessionEngine`` (one problem at a time, PEFT adapter), method ``rosa2``;
+- ``batched``: ``BatchedSessionEngine`` (B sessions at once, per-row adapters), method ``rosa2``;
+- ``baseline``: ``BatchedSessionEngine``, method ``baseline`` (no stream): the paper's Table 4
+  reference for time per problem and peak memory.
+
+Ratios (the issue's names): ``batched_vs_sequential`` = sessions/hour batched over sequential;
+``parametric_over_generate`` / ``semantic_over_generate`` = a stream's seconds over the generation
+seconds of the turns it ran after (batched arm; per-session shares of the batch's wall time);
+``time_per_problem_rosa2_over_baseline`` and ``adapt_memory_overhead`` = batched rosa2 over batched
+baseline. Peak memory is CUDA's peak allocated, or on CPU the process's peak RSS (VmHWM) from
+after the model is loaded to the end of the arm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from rosa2.config import ConfigError, _help
+
+ARMS = ("sequential", "batched", "baseline")
+TARGETS = {
+    "batched_vs_sequential": ">= 3 at B=8 on the 2-core CPU (>= 10 at B=32 on a GPU)",
+    "parametric_over_generate": "<= 0.5",
+    "semantic_over_generate": "<= 1.5",
+    "adapt_memory_overhead": "<= 1.10",
+    "time_per_problem_rosa2_over_baseline": "reported (the paper saw 0.89 on MATH)",
+}
+TINY = "tiny-random"
+
+
+@dataclass
+class BenchConfig:
+    model: str = _help(f"Model: 'embedded', a hub id, a local directory, or '{TINY}' (tests)", default="embedded")
+    device: str = _help("'auto', 'cpu', 'cuda' or 'cuda:N'", default="auto")
+    dataset: str = _help("Problems: a dataset name or file (see `rosa2 datasets`)", default="embedded-math")
+    problems: int = _help("Problems per arm (the same ones in every arm)", default=8)
+    batch_size: int = _help("Sessions advanced together by the batched engine (B)", default=8)
+    max_turns: int = _help("T_max per problem", default=3)
+    max_new_tokens: int = _help("Tokens per answer at most", default=64)
+    semantic_max_new_tokens: int = _help("Tokens per critic call at most (semantic stream)", default=128)
+    feedback: str = _help("Simulated user: none | sparse | rich", default="sparse")
+    seed: int = _help("Seed of every arm (problem seeds derive from it)", default=0)
+    arms: tuple[str, ...] = _help("Arms to run (ratios need their arms)", default=ARMS)
+
+    def __post_init__(self) -> None:
+        self.arms = tuple(self.arms)
+        for name in ("problems", "batch_size", "max_turns", "max_new_tokens", "semantic_max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be >= 1")
+        unknown = [a for a in self.arms if a not in ARMS]
+        if unknown or not self.arms:
+            raise ConfigError(f"arms={list(self.arms)!r} is not allowed; expected a non-empty subset of {list(ARMS)}")
+        # the configs the engines take check the rest (device, feedback) before any model loads
+        self.engine_configs("rosa2")
+
+    def engine_configs(self, method: str) -> dict[str, Any]:
+        from rosa2.config import GenerationConfig, ModelConfig, SemanticConfig, SessionConfig
+
+        return {
+            "model": ModelConfig(name="embedded" if self.model == TINY else self.model, device=self.device),
+            "session": SessionConfig(method=method, max_turns=self.max_turns, feedback=self.feedback),
+            "semantic": SemanticConfig(max_new_tokens=self.semantic_max_new_tokens, batch_size=self.batch_size),
+            "generation": GenerationConfig(max_new_tokens=self.max_new_tokens, seed=self.seed),
+        }
+
+
+@dataclass
+class ArmResult:
+    arm: str
+    wall_s: float
+    cpu_s: float  # user + system CPU seconds of the arm's process (less sensitive to other load)
+    peak_memory_bytes: int
+    adapter_bytes: int
+    results: list[dict[str, Any]]
+    prefill_s: float = 0.0  # one batched forward over the last turn's prompts (KV-cache reuse bound)
+    prefill_generate_s: float = 0.0  # the generation seconds of those same turns
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _load(cfg: BenchConfig) -> Any:
+    from rosa2 import models
+
+    if cfg.model == TINY:
+        return models.tiny_random(seed=cfg.seed)
+    return models.load(cfg.engine_configs("rosa2")["model"])
+
+
+def run_arm(arm: str, cfg: BenchConfig, problems: list[Any]) -> ArmResult:
+    """One arm in this process: load, warm up, run every problem, measure wall time and peak memory."""
+    import torch
+
+    from rosa2.batched import BatchedSessionEngine
+    from rosa2.environment import environment_for
+    from rosa2.session import SessionEngine, peak_memory_bytes, reset_peak_memory
+
+    configs = cfg.engine_configs("baseline" if arm == "baseline" else "rosa2")
+    loaded = _load(cfg)
+    if arm == "sequential":
+        engine: Any = SessionEngine(loaded, configs["session"], None, configs["semantic"], configs["generation"])
+    else:
+        engine = BatchedSessionEngine(
+            loaded, configs["session"], None, configs["semantic"], configs["generation"], batch_size=cfg.batch_size
+        )
+    environments = [environment_for(p, cfg.feedback, allow_exact_match=True) for p in problems]
+    engine.policy.generate([{"role": "user", "content": "Hi"}], max_new_tokens=2)  # one-time kernels/allocations
+    device = engine.policy.device
+    reset_peak_memory(device)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    if arm == "sequential":
+        results = [engine.run(p, env) for p, env in zip(problems, environments)]
+    else:
+        results = engine.run_many(problems, environments)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    out = ArmResult(
+        arm=arm,
+        wall_s=wall,
+        cpu_s=cpu,
+        peak_memory_bytes=peak_memory_bytes(device),
+        adapter_bytes=engine.adapter_bytes() if arm != "sequential" else _peft_bytes(engine),
+        results=[r.to_dict() for r in results],
+    )
+    if arm == "baseline":  # θ never changes here, so this is where a KV cache across turns could pay
+        out.prefill_s, out.prefill_generate_s = _prefill_probe(engine, results, cfg.batch_size)
+    return out
+
+
+def _peft_bytes(engine: Any) -> int:
+    stream = engine.parametric(create=False)
+    return sum(p.numel() * p.element_size() for p in stream.params) if stream is not None else 0
+
+
+def _prefill_probe(engine: Any, results: list[Any], batch_size: int) -> tuple[float, float]:
+    """Seconds of one no-grad forward over the prompts of each problem's last turn (what reusing
+    the earlier turns' KV cache could at most save) against those turns' generation seconds."""
+    import torch
+
+    from rosa2.batched import left_pad
+
+    prompts, generate = [], 0.0
+    for result in results:
+        if len(result.turns) < 2:
+            continue
+        history = []
+        for record in result.turns[:-1]:
+            history += [{"role": "user", "content": record.message}, {"role": "assistant", "content": record.response}]
+        history.append({"role": "user", "content": result.turns[-1].message})
+        prompts.append(engine.policy.prompt_ids(history))
+        generate += result.turns[-1].seconds_generate
+    if not prompts:
+        return 0.0, 0.0
+    start = time.perf_counter()
+    with torch.no_grad():
+        for lo in range(0, len(prompts), batch_size):
+            ids, mask, positions = left_pad(prompts[lo : lo + batch_size], engine.policy.tokenizer.pad_token_id)
+            engine.policy.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+    return time.perf_counter() - start, generate
+
+
+def _arm_in_fresh_process(arm: str, cfg: BenchConfig, problems: list[Any]) -> ArmResult:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(run_arm, arm, cfg, problems).result()
+
+
+def device_name(device: str) -> str:
+    import os
+    import platform
+
+    import torch
+
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        index = torch.device(device if device != "auto" else "cuda").index or 0
+        return f"cuda:{index} {torch.cuda.get_device_name(index)} (bfloat16)"
+    model = platform.processor() or "cpu"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu {model}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()} (float32)"
+
+
+STREAMS = {"parametric": ("weights_on", "seconds_parametric"), "semantic": ("words_on", "seconds_semantic")}
+
+
+def _stream_ratio(results: list[Any], stream: str) -> tuple[float | None, float, float]:
+    """(Σ stream seconds / Σ generation seconds over the turns the stream ran after, both sums)."""
+    flag, seconds = STREAMS[stream]
+    spent, generate = 0.0, 0.0
+    for result in results:
+        for record in result.turns:
+            if getattr(record, flag):
+                spent += getattr(record, seconds)
+                generate += record.seconds_generate
+    return (spent / generate if generate else None), spent, generate
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def summarize_arms(cfg: BenchConfig, arms: dict[str, ArmResult]) -> dict[str, Any]:
+    """The bench JSON: ratios first, the absolute figures they come from beside them."""
+    from rosa2.metrics import accuracy_at
+    from rosa2.records import ProblemResult
+
+    results = {name: [ProblemResult.from_dict(r) for r in arm.results] for name, arm in arms.items()}
+    per_hour = {name: 3600.0 * len(results[name]) / arm.wall_s for name, arm in arms.items()}
+    accuracy = {name: accuracy_at(rs, cfg.max_turns) for name, rs in results.items()}
+    absolute: dict[str, Any] = {
+        "sessions_per_hour": {k: round(v, 1) for k, v in per_hour.items()},
+        "wall_s": {k: round(a.wall_s, 2) for k, a in arms.items()},
+        "cpu_s": {k: round(a.cpu_s, 2) for k, a in arms.items()},
+        "time_per_problem_s": {k: round(a.wall_s / len(results[k]), 2) for k, a in arms.items()},
+        "accuracy": accuracy,
+        "turns": {k: sum(r.turns_used for r in rs) for k, rs in results.items()},
+        "peak_memory_bytes": {k: a.peak_memory_bytes for k, a in arms.items()},
+        "adapter_bytes": {k: a.adapter_bytes for k, a in arms.items()},
+    }
+    out: dict[str, Any] = {"device": device_name(cfg.device)}
+    if "sequential" in results and "batched" in results:
+        out["batched_vs_sequential"] = _ratio(per_hour["batched"], per_hour["sequential"])
+        # the same ratio on CPU seconds: on a shared machine wall time also measures the neighbours
+        absolute["batched_vs_sequential_cpu_time"] = _ratio(arms["sequential"].cpu_s, arms["batched"].cpu_s)
+        same = [
+            a.response == b.response and a.reward == b.reward
+            for ra, rb in zip(results["sequential"], results["batched"])
+            for a, b in zip(ra.turns, rb.turns)
+        ]
+        absolute["turns_equal_to_sequential"] = f"{sum(same)}/{len(same)}"
+        absolute["accuracy_unchanged"] = accuracy["sequential"] == accuracy["batched"]
+    for name in ("batched", "sequential"):
+        if name in results:
+            for stream in ("parametric", "semantic"):
+                ratio, spent, generate = _stream_ratio(results[name], stream)
+                if name == "batched":
+                    out[f"{stream}_over_generate"] = None if ratio is None else round(ratio, 3)
+                absolute[f"{stream}_over_generate_{name}"] = None if ratio is None else round(ratio, 3)
+                absolute[f"{stream}_s_{name}"] = round(spent, 2)
+                absolute[f"generate_s_for_{stream}_turns_{name}"] = round(generate, 2)
+    if "batched" in arms and "baseline" in arms:
+        out["time_per_problem_rosa2_over_baseline"] = _ratio(
+            arms["batched"].wall_s / len(results["batched"]), arms["baseline"].wall_s / len(results["baseline"])
+        )
+        out["adapt_memory_overhead"] = _ratio(arms["batched"].peak_memory_bytes, arms["baseline"].peak_memory_bytes)
+    if "baseline" in arms and arms["baseline"].prefill_generate_s:
+        absolute["kv_cache_prefill_s"] = round(arms["baseline"].prefill_s, 3)
+        absolute["kv_cache_prefill_share_of_generate"] = round(
+            arms["baseline"].prefill_s / arms["baseline"].prefill_generate_s, 3
+        )
+    out["absolute"] = absolute
+    out["targets"] = TARGETS
+    out["config"] = dataclasses.asdict(cfg)
+    return out
+
+
+def run_bench(cfg: BenchConfig, *, log: Any = None) -> dict[str, Any]:
+    """Run the chosen arms one after the other, each in a fresh process, and summarise them."""
+    from rosa2.config import DataConfig
+    from rosa2.data import load_problems
+
+    problems = load_problems(DataConfig(dataset=cfg.dataset, limit=cfg.problems))
+    arms: dict[str, ArmResult] = {}
+    for arm in cfg.arms:
+        arms[arm] = _arm_in_fresh_process(arm, cfg, problems)
+        if log is not None:
+            log(f"rosa2 bench: {arm} done in {arms[arm].wall_s:.1f} s")
+    return summarize_arms(cfg, arms)
