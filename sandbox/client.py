@@ -40,7 +40,7 @@ ERROR_TEXT_LIMIT = 4000  # characters of error text per test and overall
 GRACE_S = 0.5  # after the result line, how long trailing output may still arrive
 ACQUIRE_TIMEOUT_S = 120.0
 # The container's only writable places, emptied before each evaluation so none sees another's files
-SCRATCH = ["/tmp", "/dev/shm"]
+SCRATCH = ["/tmp", "/dev/shm", "/dev/mqueue"]
 
 
 class SandboxInfraError(Exception):
@@ -116,7 +116,7 @@ class Sandbox:
             network_mode="none",
             user="65534:65534",
             read_only=True,
-            tmpfs={"/tmp": f"size={cfg.tmpfs_mb}m,mode=1777,nosuid,nodev"},
+            tmpfs={"/tmp": f"size={cfg.tmpfs_mb}m,mode=1777,nosuid,nodev,noexec"},
             shm_size=f"{cfg.tmpfs_mb}m",  # /dev/shm stays (multiprocessing locks need it), as small as /tmp
             cap_drop=["ALL"],
             security_opt=["no-new-privileges"],

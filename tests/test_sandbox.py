@@ -205,6 +205,8 @@ def test_parallel_evaluations_share_the_pool_safely(pool):
     with ThreadPoolExecutor(max_workers=6) as workers:
         results = list(workers.map(lambda r: CodeReward(PROBLEM, pool=pool).score(r), responses))
     assert [r.outcome for r in results] == ["passed", "failed"] * 4
+    batch = CodeReward(PROBLEM, pool=pool).score_many(responses[:4])
+    assert [r.reward for r in batch] == [1.0, -1.0, 1.0, -1.0]
     assert len(pool.containers()) <= pool.cfg.pool_size
 
 
