@@ -54,6 +54,8 @@ def test_assemble_full_body_and_dedented_body():
     program, form = assemble(STUB, "total = a + b\nreturn total", "add")
     assert form == "dedented-body" and "\n    total = a + b\n    return total" in program
     assert assemble("", "print(1)", None) == ("print(1)", "full")
+    program, form = assemble(STUB, "    def add(a, b):\n        return a + b\n", "add")
+    assert form == "full" and program.endswith("\ndef add(a, b):\n    return a + b\n")
 
 
 def test_harness_splits_check_into_one_test_per_assert_and_reports_what_the_candidate_returned():

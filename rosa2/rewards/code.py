@@ -66,7 +66,8 @@ def assemble(stub: str, code: str, entry_point: str | None) -> tuple[str, str]:
     """
     stub = stub.rstrip() + "\n" if stub.strip() else ""
     if not stub or not entry_point or _defines(code, entry_point):
-        return stub + ("\n" if stub else "") + code, "full"
+        # dedent: a whole program indented as a block (a markdown list item) is still top level
+        return stub + ("\n" if stub else "") + textwrap.dedent(code), "full"
     first = next((line for line in code.splitlines() if line.strip()), "")
     if first[:1] in (" ", "\t") or not first:
         return stub + code, "body"
