@@ -88,10 +88,15 @@ class Service:
     health_url: str
     host: str
     port: int
+    home: Path  # the project home: data, logs and PID files live under it
 
     @property
     def pid_file(self) -> Path:
-        return env.home() / "run" / f"{self.name}.pid"
+        return self.home / "run" / f"{self.name}.pid"
+
+    @property
+    def log(self) -> Path:
+        return self.home / "logs" / f"{self.name}.log"
 
 
 @dataclass
@@ -118,8 +123,9 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def services(tracking: TrackingConfig) -> dict[str, Service]:
-    """The two services at the URLs the clients will use."""
+def services(tracking: TrackingConfig, home: Path | None = None) -> dict[str, Service]:
+    """The two services at the URLs the clients will use, keeping their state under ``home``."""
+    home = Path(home) if home is not None else env.home()
     out = {}
     for name, url, default_port, health in (
         ("prefect", tracking.prefect_api_url, 4200, "/health"),
@@ -128,7 +134,7 @@ def services(tracking: TrackingConfig) -> dict[str, Service]:
         parsed = urlparse(url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise ConfigError(f"{name} URL {url!r} is not allowed; expected http://HOST:PORT{'/api' if name == 'prefect' else ''}")
-        out[name] = Service(name, url, url.rstrip("/") + health, parsed.hostname, parsed.port or default_port)
+        out[name] = Service(name, url, url.rstrip("/") + health, parsed.hostname, parsed.port or default_port, home)
     return out
 
 
@@ -199,11 +205,7 @@ def _port_free(host: str, port: int) -> bool:
             return False
 
 
-def _log_path(name: str) -> Path:
-    return env.home() / "logs" / f"{name}.log"
-
-
-def _team_env(cfg: StackConfig, name: str) -> dict[str, str]:
+def _team_env(cfg: StackConfig, name: str, home: Path) -> dict[str, str]:
     if not cfg.team:
         return {}
     if name == "prefect":
@@ -217,18 +219,31 @@ def _team_env(cfg: StackConfig, name: str) -> dict[str, str]:
     # MLflow's auth app creates its admin from an ini file; we render it under the home (never commit
     # a password) from the template in mlflow/.
     template = (env.source_root() / "mlflow" / MLFLOW_AUTH_TEMPLATE).read_text()
-    db = f"sqlite:///{env.home() / 'mlflow' / 'auth.db'}"  # its own alembic history: never share the tracking DB
+    db = f"sqlite:///{home / 'mlflow' / 'auth.db'}"  # its own alembic history: never share the tracking DB
     rendered = template.format(admin_username=user, admin_password=password, database_uri=db)
-    path = env.home() / "mlflow" / "basic_auth.ini"
+    path = home / "mlflow" / "basic_auth.ini"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(rendered)
     path.chmod(0o600)
-    return {"MLFLOW_AUTH_CONFIG_PATH": str(path)}
+    return {"MLFLOW_AUTH_CONFIG_PATH": str(path), "MLFLOW_FLASK_SERVER_SECRET_KEY": _secret(home / "mlflow" / "flask_secret")}
+
+
+def _secret(path: Path) -> str:
+    """The auth app's CSRF key: the user's MLFLOW_FLASK_SERVER_SECRET_KEY, else one made once (mode 600)."""
+    if os.environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        return os.environ["MLFLOW_FLASK_SERVER_SECRET_KEY"]
+    if not path.is_file():
+        import secrets
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
 
 
 def command(name: str, service: Service, cfg: StackConfig) -> tuple[list[str], dict[str, str]]:
     """The server command line and its extra environment."""
-    root = env.home()
+    root = service.home
     bindir = Path(sys.executable).parent
     extra: dict[str, str] = {}
     if name == "mlflow":
@@ -256,7 +271,7 @@ def command(name: str, service: Service, cfg: StackConfig) -> tuple[list[str], d
             PREFECT_SERVER_ANALYTICS_ENABLED="false",
             PREFECT_UI_API_URL=service.url,
         )
-    extra.update(_team_env(cfg, name))
+    extra.update(_team_env(cfg, name, root))
     return argv, extra
 
 
@@ -269,10 +284,10 @@ def _check_exposure(svc: dict[str, Service], cfg: StackConfig) -> None:
         )
 
 
-def start(name: str, tracking: TrackingConfig, cfg: StackConfig) -> ServiceStatus:
+def start(name: str, tracking: TrackingConfig, cfg: StackConfig, home: Path | None = None) -> ServiceStatus:
     """Start one server unless something healthy already answers at its URL; wait for its health check."""
-    service = services(tracking)[name]
-    log = _log_path(name)
+    service = services(tracking, home)[name]
+    log = service.log
     if probe(service) is None:
         info = _read_pid(service)
         return ServiceStatus(name, service.url, True, info and int(info["pid"]), log, "already running")
@@ -292,7 +307,7 @@ def start(name: str, tracking: TrackingConfig, cfg: StackConfig) -> ServiceStatu
         out.flush()
         proc = subprocess.Popen(  # noqa: S603 - fixed argv
             argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            cwd=env.home(),  # never the checkout: ./mlflow there must not shadow the library
+            cwd=service.home,  # never the checkout: ./mlflow there must not shadow the library
             env=child_env, start_new_session=True,  # own process group: `down` stops the server and its workers
         )
     service.pid_file.write_text(json.dumps({"pid": proc.pid, "url": service.url, "argv": argv, "started": time.time()}))
@@ -303,22 +318,22 @@ def start(name: str, tracking: TrackingConfig, cfg: StackConfig) -> ServiceStatu
             service.pid_file.unlink(missing_ok=True)
             raise StackError(f"{name} exited with code {proc.returncode} during start-up; see {log}")
         if time.monotonic() > deadline:
-            stop(name, tracking)
+            stop(name, tracking, home=home)
             raise StackError(f"{name} did not pass its health check {service.health_url} in {cfg.start_timeout_s:.0f} s ({reason}); see {log}")
         time.sleep(0.5)
         reason = probe(service)
     return ServiceStatus(name, service.url, True, proc.pid, log, "started")
 
 
-def stop(name: str, tracking: TrackingConfig, timeout: float = 20.0) -> ServiceStatus:
+def stop(name: str, tracking: TrackingConfig, timeout: float = 20.0, home: Path | None = None) -> ServiceStatus:
     """Stop a server this stack started (by the PID in its PID file): SIGTERM its group, then SIGKILL."""
-    service = services(tracking)[name]
+    service = services(tracking, home)[name]
     info = _read_pid(service)
     if info is None:
         service.pid_file.unlink(missing_ok=True)
         healthy = probe(service) is None
         detail = "answers, but was not started by rosa2: left alone" if healthy else "not running"
-        return ServiceStatus(name, service.url, healthy, None, _log_path(name), detail)
+        return ServiceStatus(name, service.url, healthy, None, service.log, detail)
     pid = int(info["pid"])
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
         try:
@@ -331,26 +346,26 @@ def stop(name: str, tracking: TrackingConfig, timeout: float = 20.0) -> ServiceS
         if not _pid_alive(pid):
             break
     service.pid_file.unlink(missing_ok=True)
-    return ServiceStatus(name, service.url, False, None, _log_path(name), f"stopped pid {pid}")
+    return ServiceStatus(name, service.url, False, None, service.log, f"stopped pid {pid}")
 
 
-def status(tracking: TrackingConfig | None = None) -> list[ServiceStatus]:
+def status(tracking: TrackingConfig | None = None, home: Path | None = None) -> list[ServiceStatus]:
     tracking = tracking or TrackingConfig()
     out = []
-    for name, service in services(tracking).items():
+    for name, service in services(tracking, home).items():
         info = _read_pid(service)
         reason = probe(service)
-        out.append(ServiceStatus(name, service.url, reason is None, info and int(info["pid"]), _log_path(name), reason or ""))
+        out.append(ServiceStatus(name, service.url, reason is None, info and int(info["pid"]), service.log, reason or ""))
     return out
 
 
-def up(tracking: TrackingConfig | None = None, cfg: StackConfig | None = None) -> list[ServiceStatus]:
+def up(tracking: TrackingConfig | None = None, cfg: StackConfig | None = None, home: Path | None = None) -> list[ServiceStatus]:
     """Start both servers (Prefect first: its first start runs migrations, ~12 s)."""
     tracking, cfg = tracking or TrackingConfig(), cfg or StackConfig()
-    _check_exposure(services(tracking), cfg)
-    return [start(name, tracking, cfg) for name in SERVICES]
+    _check_exposure(services(tracking, home), cfg)
+    return [start(name, tracking, cfg, home) for name in SERVICES]
 
 
-def down(tracking: TrackingConfig | None = None) -> list[ServiceStatus]:
+def down(tracking: TrackingConfig | None = None, home: Path | None = None) -> list[ServiceStatus]:
     tracking = tracking or TrackingConfig()
-    return [stop(name, tracking) for name in SERVICES]
+    return [stop(name, tracking, home=home) for name in SERVICES]
