@@ -260,3 +260,38 @@ def test_sweep_file_grid_expands_to_cells(tmp_path):
     assert len({c.key("fp") for c in cells}) == 6  # deterministic and distinct keys
     assert cells[0].key("fp") == sweep_module.load(path).cells()[0].key("fp")
     assert spec.tracking().study == "s"
+
+
+def test_mlflow_down_mid_run_keeps_results_and_the_rerun_uploads_them(platform, tiny_dir, tmp_path):
+    from conftest import free_port
+    from flows.experiment import experiment
+    from rosa2 import stack
+    from tasks import publish, sessions
+    from tasks.cells import ResultStore
+
+    own = dataclasses.replace(platform, mlflow_uri=f"http://127.0.0.1:{free_port()}", study="offline-test")
+    server_home = tmp_path / "mlflow-home"
+    stack.start("mlflow", own, stack.StackConfig(start_timeout_s=180), home=server_home)
+    try:
+        cell = tiny_cell(tiny_dir, "baseline")
+        store = ResultStore()
+        dataset = sessions.prepare(cell.data)
+        key = cell.key(dataset.fingerprint)
+        run = publish.cell_run(own, cell, key, None)
+        results = sessions.run_cell_sessions(cell, dataset.problems, store, progress=False)
+        summary = sessions.summarize_cell(results, cell.session.max_turns)
+        stack.stop("mlflow", own, home=server_home)  # the tracking server goes away mid-run
+        with pytest.raises(publish.TrackingUnavailable, match="kept in .*run the same command again"):
+            publish._kept_locally(store)(publish.log_cell_run)(own, run.run_id, cell, key, dataset, results, summary, store)
+        stored = {p: p.stat().st_mtime_ns for p in store.root.rglob("*.json")}
+        assert len([p for p in stored if "problems" in p.parts]) == 2
+
+        stack.start("mlflow", own, stack.StackConfig(start_timeout_s=180), home=server_home)
+        outcome = experiment(cell, own, None, False)
+        assert outcome.run_id == run.run_id and not outcome.skipped  # resumed into the same run
+        assert {p: p.stat().st_mtime_ns for p in stored} == stored  # nothing recomputed or rewritten
+        mc = client(own)
+        assert len(mc.search_runs([mc.get_experiment_by_name("offline-test").experiment_id])) == 1
+        assert "results.jsonl" in {a.path for a in mc.list_artifacts(run.run_id)}
+    finally:
+        stack.stop("mlflow", own, home=server_home)
