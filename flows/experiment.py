@@ -8,6 +8,8 @@ Resumable by construction: the cell key finds a finished MLflow run (skip) or an
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
 from prefect import flow, get_run_logger
 
 from rosa2.config import TrackingConfig
@@ -74,9 +76,17 @@ def group_key(kind: str, cells: list[Cell]) -> str:
     return digest({"kind": kind, "cells": [c.params() for c in cells]})
 
 
-def run_group(cells: list[Cell], tracking: TrackingConfig, name: str, kind: str, progress: bool = True) -> GroupOutcome:
-    """Cells as child runs of one parent run, then one report on the parent (call inside a flow)."""
+def run_group(cells: list[Cell], tracking: TrackingConfig, name: str, kind: str, progress: bool = True,
+              scaleout: Any = None) -> GroupOutcome:
+    """Cells as child runs of one parent run, then one report on the parent (call inside a flow).
+
+    ``scaleout`` (a :class:`flows.scaleout.ScaleoutConfig`) fans the cells out to a work pool or
+    Ray first; the loop below then only gathers their summaries (finished cells are skipped)."""
     parent = publish.open_group(tracking, group_key(kind, cells), name, kind)
+    if scaleout is not None and scaleout.runner != "local":
+        from flows import scaleout as fan_out
+
+        fan_out.run([{"cell": c, "tracking": tracking, "parent_run_id": parent.run_id, "progress": False} for c in cells], scaleout)
     outcomes = [experiment(cell, tracking, parent.run_id, progress) for cell in cells]
     summaries = [o.summary for o in outcomes]
     markdown = publish.publish_report(tracking, parent.run_id, summaries, name)

@@ -29,6 +29,7 @@ from prefect.client.schemas.objects import StateType
 
 from rosa2 import env
 from rosa2.config import ConfigError
+from rosa2.errors import Rosa2Error
 
 RUNNERS = ("local", "pool", "ray")
 CELL_TAG = "rosa2-cell"
@@ -72,7 +73,25 @@ class ScaleoutConfig:
 
 def cell_key(parameters: dict[str, Any]) -> str:
     """A deterministic key of a cell's parameters: the same cell is never created twice."""
-    return hashlib.sha256(json.dumps(parameters, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    from fastapi.encoders import jsonable_encoder
+
+    return hashlib.sha256(json.dumps(jsonable_encoder(parameters), sort_keys=True).encode()).hexdigest()[:24]
+
+
+def from_mapping(data: Any, where: str) -> ScaleoutConfig:
+    """The ``scaleout:`` section of a sweep file; errors name ``where`` (file:line) and the field."""
+    import dataclasses
+
+    names = [f.name for f in dataclasses.fields(ScaleoutConfig)]
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: scaleout must be a mapping of {names}")
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"{where}: unknown field scaleout.{key!r}; expected one of {names}")
+    try:
+        return ScaleoutConfig(**data)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _load_cell_flow(cfg: ScaleoutConfig, root: Path) -> Any:
@@ -105,8 +124,10 @@ def pool_cell(entrypoint: str, parameters: dict[str, Any]) -> Any:
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(flow_run.id)
         client.update_flow_run(run.id, tags=sorted({*run.tags, f"worker:{worker}", f"attempt:{run.run_count}"}))
-    # the deployment's pull step set the working directory to the project on this host
-    return _load_cell_flow(ScaleoutConfig(entrypoint=entrypoint), Path.cwd()).fn(**parameters)
+    # the deployment's pull step set the working directory to the project on this host; the
+    # parameters crossed the API as JSON: the cell flow's signature turns them back into configs
+    cell_flow = _load_cell_flow(ScaleoutConfig(entrypoint=entrypoint), Path.cwd())
+    return cell_flow.fn(**cell_flow.validate_parameters(parameters))
 
 
 def ensure_pool(name: str) -> None:
@@ -189,6 +210,11 @@ def _run_on_pool(cells: list[dict[str, Any]], cfg: ScaleoutConfig) -> list[dict[
                 if client.read_flow_run(run_id).state_type in FINAL:
                     pending.discard(run_id)
         finals = [client.read_flow_run(run.id) for run in runs]
+    failed = [f"{run.name} ({run.id}): {run.state_name}" for run in finals if run.state_type != StateType.COMPLETED]
+    if failed:
+        # never fall back to running them here: this host may have no GPU
+        raise Rosa2Error(f"{len(failed)} of {len(cells)} cells did not complete on pool {cfg.pool!r}: "
+                         f"{'; '.join(failed)}; see their logs in the Prefect UI, then run the sweep again")
     return [
         {"parameters": cell, "flow_run_id": str(run.id), "state": run.state_name, "run_count": run.run_count,
          "tags": sorted(run.tags)}

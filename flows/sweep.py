@@ -16,6 +16,7 @@ same name, see ``rosa2 run --help``)::
     semantic: {critic: base}
     sandbox: {timeout_s: 10}
     tracking: {adapters: corrected}
+    scaleout: {runner: pool, pool: rosa2-gpu}   # or {runner: ray, num_gpus: 1}; see flows/scaleout.py
 
 An unknown field or a bad value is an error that names the file, line and field.
 """
@@ -56,6 +57,7 @@ class SweepSpec:
     seeds: list[int]
     sections: dict[str, dict[str, Any]] = field(default_factory=dict)
     source: str = "<sweep>"
+    scaleout: Any = None  # flows.scaleout.ScaleoutConfig: where the cells run (default: here, one by one)
 
     def tracking(self, base: TrackingConfig | None = None) -> TrackingConfig:
         base = base or TrackingConfig()
@@ -111,7 +113,7 @@ def parse(text: str, source: str = "<sweep>") -> SweepSpec:
         raise ConfigError(f"{source}: expected a mapping with models, datasets, methods and seeds")
     data = yaml.safe_load(text)
     nodes = {k.value: (k, v) for k, v in root.value}
-    known = {"study", *GRID, *SECTIONS}
+    known = {"study", "scaleout", *GRID, *SECTIONS}
     for key, (knode, _) in nodes.items():
         if key not in known:
             raise ConfigError(f"{_where(source, knode)}: unknown field {key!r}; expected one of {sorted(known)}")
@@ -147,6 +149,10 @@ def parse(text: str, source: str = "<sweep>") -> SweepSpec:
     if study is not None and not isinstance(study, str):
         raise ConfigError(f"{_where(source, nodes['study'][1])}: study={study!r} is not allowed; expected a name")
     spec = SweepSpec(study, data["models"], data["datasets"], data["methods"], data["seeds"], sections, source)
+    if "scaleout" in nodes:
+        from flows.scaleout import from_mapping
+
+        spec.scaleout = from_mapping(data["scaleout"], _where(source, nodes["scaleout"][1]))
     for key, (_, vnode) in nodes.items():
         if key not in GRID:
             continue
@@ -174,4 +180,4 @@ def load(path: str | Path) -> SweepSpec:
 def sweep(spec: SweepSpec, tracking: TrackingConfig | None = None, progress: bool = True) -> GroupOutcome:
     """Every cell of the grid as a child of one parent run (``rosa2.kind=sweep``), then the report."""
     tracking = spec.tracking(tracking)
-    return run_group(spec.cells(), tracking, f"sweep {Path(spec.source).name}", "sweep", progress)
+    return run_group(spec.cells(), tracking, f"sweep {Path(spec.source).name}", "sweep", progress, spec.scaleout)
