@@ -227,6 +227,13 @@ class Sandbox:
             sock.shutdown(socket.SHUT_WR)  # end of stdin: the harness starts
             result, output, output_bytes, timed_out = self._read(sock, marker, start + timeout_s)
         finally:
+            # The hijacked connection is shared by docker-py's wrappers: shut it down for all of them.
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            if raw is not sock:
+                raw.close()
             sock.close()
         exit_code = None
         if not timed_out:
