@@ -66,7 +66,9 @@ def _data_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     source = Path(data.dataset).expanduser()
     stat = source.stat() if source.is_file() else None
     # a local file that changed is a new dataset; names and hub ids are keyed by their selection
-    return "rosa2-data-" + digest({"data": dataclasses.asdict(data), "file": stat and [stat.st_size, stat.st_mtime_ns]})
+    # the home is in the key: the cached value points at a snapshot file under it
+    file = stat and [stat.st_size, stat.st_mtime_ns]
+    return "rosa2-data-" + digest({"data": dataclasses.asdict(data), "file": file, "home": str(env.home())})
 
 
 def prepare(data: DataConfig) -> PreparedDataset:

@@ -138,6 +138,13 @@ def test_sweep_creates_a_parent_with_one_child_per_cell(platform, tiny_dir, tmp_
     assert {c.data.params["session.method"] for c in children} == {"baseline", "rosa2"}
     assert "report.md" in {a.path for a in mc.list_artifacts(outcome.run_id)}
     assert "| baseline |" in outcome.report and "| rosa2 |" in outcome.report
+    # the report is a Prefect artifact too
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as pc:
+        artifacts = pc.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["rosa2-report-sweep-test"])))
+    assert artifacts and "Table 1" in artifacts[0].data
 
 
 def _sweep_process(path: Path, tracking: TrackingConfig, home: Path) -> subprocess.Popen:
@@ -295,3 +302,16 @@ def test_mlflow_down_mid_run_keeps_results_and_the_rerun_uploads_them(platform, 
         assert "results.jsonl" in {a.path for a in mc.list_artifacts(run.run_id)}
     finally:
         stack.stop("mlflow", own, home=server_home)
+
+
+def test_ablation_has_the_six_methods_and_brings_the_switch_turn_within_t_max(tiny_dir):
+    from flows.ablation import ABLATION_METHODS, ablation_cells
+
+    base = tiny_cell(tiny_dir, "baseline")
+    cells = ablation_cells(base)
+    assert [c.method for c in cells] == ["baseline", "textgrad", "rosa", "rosa2", "switch-w2p@2", "switch-p2w@2"]
+    long = base.replace(session=SessionConfig(method="baseline", max_turns=6))
+    assert [c.method for c in ablation_cells(long)] == list(ABLATION_METHODS)
+    both = ablation_cells(long, update_contexts=("generated", "next"))
+    contexts = [(c.method, c.adapt.update_context) for c in both]
+    assert ("rosa", "next") in contexts and ("baseline", "next") not in contexts and len(both) == 6 + 4
