@@ -14,6 +14,8 @@ def cmd(args: argparse.Namespace) -> int:
 
     spec = sweep_module.load(args.file)  # bad fields fail here, before any server or model
     tracking = spec.tracking(from_args(TrackingConfig, args))
+    if args.study:  # the command line wins over the file's study
+        tracking = from_args(TrackingConfig, args, adapters=tracking.adapters)
     if args.check:
         print(f"{args.file}: {len(spec.cells())} cells, study {tracking.study!r}")
         return 0
