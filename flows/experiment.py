@@ -15,6 +15,7 @@ from prefect import flow, get_run_logger
 from rosa2.config import TrackingConfig
 from rosa2.report import CellSummary
 from tasks import publish, sessions
+from tasks import tracking as tr
 from tasks.cells import Cell, ResultStore, digest
 
 
@@ -64,7 +65,8 @@ def experiment(cell: Cell, tracking: TrackingConfig, parent_run_id: str | None =
         get_run_logger().info("cell %s already finished in %s: skipped", key, run.url)
         summary = _summary_from_tracking(tracking, cell, run.run_id)
         return CellOutcome(cell.name(), key, run.run_id, run.url, True, summary, flow_run_url())
-    results = sessions.run_sessions(cell, dataset.problems, store, tracking.adapters, progress)
+    with tr.system_metrics(run.run_id):  # GPU utilisation and memory, on GPU hosts only
+        results = sessions.run_sessions(cell, dataset.problems, store, tracking.adapters, progress)
     results = sessions.evaluate_code(cell, dataset.problems, results, store)
     summary = sessions.aggregate(results, cell.session.max_turns)
     publish.log_cell(tracking, run.run_id, cell, key, dataset, results, summary, store)
