@@ -48,8 +48,6 @@ def flow_run_url() -> str | None:
 
 
 def _summary_from_tracking(tracking: TrackingConfig, cell: Cell, run_id: str) -> CellSummary:
-    from tasks import tracking as tr
-
     mc = tr.client(tracking)
     return publish.cell_summary(cell, tr.summary_from_run(mc, mc.get_run(run_id)), run_id)
 
