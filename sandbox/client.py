@@ -102,6 +102,10 @@ class Sandbox:
         # host:pid says whether the owner still lives (``leftover_containers``); the token tells
         # apart the pools of one process
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        # A process killed before its atexit (SIGKILL, SIGTERM) leaves its containers: the next
+        # pool on this host removes those whose owner is gone.
+        for stale in leftover_containers(self._client):
+            self._remove(stale)
         _open_pools.add(self)
 
     # -- containers -----------------------------------------------------------------------

@@ -68,6 +68,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     problems = load_problems(DataConfig(dataset=args.dataset, limit=args.limit))
     expect_pass = not args.shuffle_tests
+    check.pairs(problems, args.shuffle_tests)  # a file without canonical solutions fails before any container starts
     with Sandbox(from_args(SandboxConfig, args)) as pool, tqdm(
         total=len(problems), desc="sandbox check", unit="task", file=sys.stderr
     ) as bar:
