@@ -6,9 +6,10 @@ flow (by default the platform's ``experiment`` flow). This module only decides *
 - ``local``: one after another in this process (the reference for the other two);
 - ``pool``: one flow run per cell of a deployment on a Prefect work pool; the workers that poll
   the pool (one per GPU, ``rosa2 worker start``) take them. A worker's ``--limit`` is how many
-  cells fit on its GPU at once, so a GPU never runs two sessions that do not fit. A worker that
-  dies mid-cell stops the flow run's heartbeats; a Prefect automation puts such a run back to
-  ``AwaitingRetry`` and another worker runs it again (the cell flow resumes its MLflow run);
+  cells fit on its GPU at once, so a GPU never runs two sessions that do not fit. When a worker
+  dies mid-cell its flow run turns ``Crashed`` (or, when the host died, stops sending heartbeats);
+  Prefect automations put such a run back to ``AwaitingRetry`` and another worker runs it again
+  (the cell flow resumes its MLflow run);
 - ``ray``: one Prefect task per cell on ``prefect_ray.RayTaskRunner``, each placed with
   ``remote_options(num_gpus=...)`` so Ray's scheduler packs cells onto GPUs.
 
@@ -33,7 +34,8 @@ from rosa2.errors import Rosa2Error
 
 RUNNERS = ("local", "pool", "ray")
 CELL_TAG = "rosa2-cell"
-FINAL = {StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED}
+FINAL = {StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED}
+CRASH_GRACE_S = 60  # a Crashed cell is final only if no retry automation picked it up by then
 
 
 @dataclass
@@ -47,6 +49,7 @@ class ScaleoutConfig:
     )
     pool: str = field(default="rosa2-gpu", metadata={"help": "Prefect work pool (runner=pool)"})
     deployment: str = field(default="rosa2-cell", metadata={"help": "Deployment name of the cell flow on the pool"})
+    max_attempts: int = field(default=3, metadata={"help": "Attempts per cell on the pool when workers are lost"})
     lost_after_s: int = field(
         default=90,
         metadata={"help": "A running cell with no heartbeat for this long is put back to AwaitingRetry (>= 40: heartbeats come every 30 s)"},
@@ -65,6 +68,8 @@ class ScaleoutConfig:
             raise ConfigError(f"scaleout.entrypoint={self.entrypoint!r} is not allowed; expected 'path/to/file.py:flow_function'")
         if self.lost_after_s < 40:
             raise ConfigError(f"scaleout.lost_after_s={self.lost_after_s!r} must be >= 40 (heartbeats come every 30 s)")
+        if self.max_attempts < 1:
+            raise ConfigError(f"scaleout.max_attempts={self.max_attempts!r} must be >= 1")
         if self.num_gpus < 0:
             raise ConfigError(f"scaleout.num_gpus={self.num_gpus!r} must be >= 0")
         if self.poll_s <= 0:
@@ -112,7 +117,7 @@ POOL_CELL = "flows/scaleout.py:pool_cell"
 
 
 @flow(name="rosa2-pool-cell")
-def pool_cell(entrypoint: str, parameters: dict[str, Any]) -> Any:
+def pool_cell(entrypoint: str, parameters: dict[str, Any], max_attempts: int = 3) -> Any:
     """One cell on a pool worker: tags this flow run with the worker (and so the GPU) that ran each
     attempt, then runs the cell flow's body in this flow run, so that one flow run is one cell and
     a lost worker's retry is the same run (``run_count`` 2), not an orphaned child."""
@@ -124,6 +129,9 @@ def pool_cell(entrypoint: str, parameters: dict[str, Any]) -> Any:
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(flow_run.id)
         client.update_flow_run(run.id, tags=sorted({*run.tags, f"worker:{worker}", f"attempt:{run.run_count}"}))
+    if run.run_count > max_attempts:  # Failed, not Crashed: the retry automations leave it alone
+        raise Rosa2Error(f"cell lost its worker {run.run_count - 1} times (max_attempts={max_attempts}); "
+                         "look for a cell that kills its host (out of memory?) in the workers' logs")
     # the deployment's pull step set the working directory to the project on this host; the
     # parameters crossed the API as JSON: the cell flow's signature turns them back into configs
     cell_flow = _load_cell_flow(ScaleoutConfig(entrypoint=entrypoint), Path.cwd())
@@ -159,36 +167,39 @@ def prepare_pool(cfg: ScaleoutConfig, root: Path | None = None) -> str:
 
 
 def ensure_retry_automation(deployment_id: Any, lost_after_s: int) -> None:
-    """A flow run of this deployment that stops sending heartbeats (its worker or host died) goes
-    back to ``AwaitingRetry``, so any live worker of the pool runs it again."""
+    """Put a cell of this deployment back to ``AwaitingRetry`` when its worker is lost, so any live
+    worker of the pool runs it again. Two ways a worker is lost: its flow-run process reports
+    ``Crashed`` (the worker process died under it), or the flow run stops sending heartbeats (the
+    whole host died). ``pool_cell`` bounds the attempts."""
     from prefect.automations import Automation
     from prefect.events.actions import ChangeFlowRunState
     from prefect.events.schemas.automations import EventTrigger, Posture
 
-    name = f"rosa2-retry-lost-cells-{deployment_id}"
-    try:
-        existing = Automation.read(name=name)
-    except ValueError:
-        existing = None
-    if existing is not None:
-        return
-    final = ["prefect.flow-run.Completed", "prefect.flow-run.Failed", "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"]
-    Automation(
-        name=name,
-        description="Put cells whose worker died (no heartbeat) back to AwaitingRetry",
-        trigger=EventTrigger(
-            match={"prefect.resource.id": "prefect.flow-run.*"},
-            match_related={"prefect.resource.id": f"prefect.deployment.{deployment_id}"},
-            after={"prefect.flow-run.heartbeat"},
-            expect={"prefect.flow-run.heartbeat", *final},
-            for_each={"prefect.resource.id"},
-            posture=Posture.Proactive,
-            threshold=1,
-            within=lost_after_s,
-        ),
-        actions=[ChangeFlowRunState(state=StateType.SCHEDULED, name="AwaitingRetry", force=True,
-                                    message=f"no heartbeat for {lost_after_s} s: the worker was lost")],
-    ).create()
+    final = {"prefect.flow-run.Completed", "prefect.flow-run.Failed", "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"}
+    scope = {
+        "match": {"prefect.resource.id": "prefect.flow-run.*"},
+        "match_related": {"prefect.resource.id": f"prefect.deployment.{deployment_id}"},
+        "for_each": {"prefect.resource.id"},
+    }
+    triggers = {
+        "crashed": EventTrigger(**scope, expect={"prefect.flow-run.Crashed"}, posture=Posture.Reactive, threshold=1),
+        "silent": EventTrigger(**scope, after={"prefect.flow-run.heartbeat"}, expect={"prefect.flow-run.heartbeat", *final},
+                               posture=Posture.Proactive, threshold=1, within=lost_after_s),
+    }
+    for kind, trigger in triggers.items():
+        name = f"rosa2-retry-{kind}-cells-{deployment_id}"
+        try:
+            Automation.read(name=name)
+            continue
+        except ValueError:
+            pass
+        Automation(
+            name=name,
+            description=f"Put cells whose worker was lost ({kind}) back to AwaitingRetry",
+            trigger=trigger,
+            actions=[ChangeFlowRunState(state=StateType.SCHEDULED, name="AwaitingRetry", force=True,
+                                        message=f"worker lost ({kind}): retried on another worker")],
+        ).create()
 
 
 def _run_on_pool(cells: list[dict[str, Any]], cfg: ScaleoutConfig) -> list[dict[str, Any]]:
@@ -197,17 +208,24 @@ def _run_on_pool(cells: list[dict[str, Any]], cfg: ScaleoutConfig) -> list[dict[
     deployment = prepare_pool(cfg)
     runs = [
         run_deployment(
-            deployment, parameters={"entrypoint": cfg.entrypoint, "parameters": cell}, timeout=0, tags=[CELL_TAG],
+            deployment, parameters={"entrypoint": cfg.entrypoint, "parameters": cell, "max_attempts": cfg.max_attempts},
+            timeout=0, tags=[CELL_TAG],
             idempotency_key=f"{deployment}:{cfg.entrypoint}:{cell_key(cell)}",  # a rerun finds the same runs
         )
         for cell in cells
     ]
     pending = {run.id for run in runs}
+    crashed_since: dict[Any, float] = {}
     with get_client(sync_client=True) as client:
         while pending:
             time.sleep(cfg.poll_s)
             for run_id in list(pending):
-                if client.read_flow_run(run_id).state_type in FINAL:
+                state = client.read_flow_run(run_id).state_type
+                if state == StateType.CRASHED:
+                    crashed_since.setdefault(run_id, time.monotonic())
+                else:
+                    crashed_since.pop(run_id, None)
+                if state in FINAL or time.monotonic() - crashed_since.get(run_id, float("inf")) > CRASH_GRACE_S:
                     pending.discard(run_id)
         finals = [client.read_flow_run(run.id) for run in runs]
     failed = [f"{run.name} ({run.id}): {run.state_name}" for run in finals if run.state_type != StateType.COMPLETED]

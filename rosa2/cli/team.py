@@ -35,6 +35,9 @@ def cmd(args: argparse.Namespace) -> int:
     rows = stack.up(tracking, stack.StackConfig(database_url="team", team=args.auth))
     for row in rows:
         print(row.line())
+        if row.detail == "already running":
+            print(f"  warning: {row.name} was already answering at {row.url}; it may not be the PostgreSQL-backed "
+                  "one: `rosa2 stack down` first, or choose other URLs")
     os.environ["PREFECT_API_URL"] = tracking.prefect_api_url
     from flows.scaleout import ensure_pool
 
