@@ -116,6 +116,12 @@ class AdaptConfig:
         if self.max_segments < 1:
             raise ConfigError(f"max_segments={self.max_segments!r} must be >= 1")
         _check_choice("residual", self.residual, ["prob", "logprob"])
+        if self.residual == "logprob" and self.granularity != "sequence":
+            # spreading the whole-response log target over segments blew up (DESIGN §2)
+            raise ConfigError(
+                f"granularity={self.granularity!r} with residual='logprob' is not allowed; "
+                "the log-space residual is one whole-response row: use granularity='sequence'"
+            )
         _check_choice("update_context", self.update_context, ["generated", "next"])
         if not self.target_modules:
             raise ConfigError("target_modules is empty; expected at least one linear module name such as q_proj")

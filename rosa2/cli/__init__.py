@@ -16,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "datasets": ("rosa2.cli.datasets", "List the known datasets, or print a dataset's problems as the model sees them"),
     "team": ("rosa2.cli.team", "Bring the team topology up on this machine: PostgreSQL, Prefect and MLflow on it, a work pool"),
     "worker": ("rosa2.cli.worker", "Start a Prefect worker of a work pool, pinned to one GPU"),
+    "session": ("rosa2.cli.session", "Run one co-adaptation session (Algorithm 1) on a question, turn by turn"),
+    "chat": ("rosa2.cli.chat", "Chat with a model that co-adapts to your feedback live (you accept or reject each answer)"),
     "stack": ("rosa2.cli.stack", "Start, stop or show the local Prefect and MLflow servers (loopback)"),
     "run": ("rosa2.cli.run", "Run experiment cells (one per method) through Prefect and MLflow; print the table"),
     "ablate": ("rosa2.cli.ablate", "Run the Switch ablation (six methods) on one model and dataset"),

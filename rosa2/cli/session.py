@@ -1,0 +1,95 @@
+"""``rosa2 session``: one co-adaptation session (Algorithm 1) on one question, turn by turn."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from typing import Any
+
+from rosa2.config import (
+    AdaptConfig,
+    GenerationConfig,
+    ModelConfig,
+    SemanticConfig,
+    SessionConfig,
+    add_arguments,
+    from_args,
+)
+
+
+def engine_configs(args: argparse.Namespace) -> dict[str, Any]:
+    """Every config the engine takes, built (and so validated) from the shared options."""
+    return {
+        "model": from_args(ModelConfig, args, prefix="model_"),
+        "session": from_args(SessionConfig, args),
+        "adapt": from_args(AdaptConfig, args),
+        "semantic": from_args(SemanticConfig, args, prefix="semantic_"),
+        "generation": from_args(GenerationConfig, args),
+    }
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser, skip_session: tuple[str, ...] = ()) -> None:
+    add_arguments(parser, ModelConfig, prefix="model_", aliases={"name": "--model"})
+    add_arguments(parser, SessionConfig, skip=skip_session)
+    add_arguments(parser, AdaptConfig)
+    add_arguments(parser, SemanticConfig, prefix="semantic_")
+    add_arguments(parser, GenerationConfig)
+
+
+def _short(text: str, width: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def print_turn(record: Any) -> None:
+    verdict = "accepted" if record.reward > 0 else "rejected"
+    print(f"--- turn {record.turn}: {verdict} (prediction {record.prediction!r}, {record.tokens} tokens)")
+    print(f"user:      {_short(record.message)}")
+    print(f"model:     {_short(record.response)}")
+    if record.words_on:
+        fallback = " (fallback: no tags in the critic's reply)" if record.semantic_fallback else ""
+        print(f"refined:   {_short(record.refined_feedback)}  ‖Δx‖²={record.delta_x_sq:.4g}{fallback}")
+    elif record.reward < 0 and record.feedback:
+        print(f"feedback:  {_short(record.feedback)}")
+    if record.weights_on:
+        print(f"‖Δθ‖²:     {record.delta_theta_sq:.4g}")
+    seconds = (record.seconds_generate, record.seconds_semantic, record.seconds_parametric, record.seconds_reward)
+    print("seconds:   generate %.2f · semantic %.2f · parametric %.2f · reward %.2f" % seconds)
+
+
+def cmd(args: argparse.Namespace) -> int:
+    from rosa2.environment import environment_for
+    from rosa2.records import Problem
+
+    configs = engine_configs(args)  # every ConfigError fires here, before any model loads
+    problem = Problem(id="cli", prompt=args.question, domain=args.domain, answer=args.answer)
+    environment = environment_for(problem, configs["session"].feedback, allow_exact_match=True)
+    print(f"scoring with {environment.name}", file=sys.stderr)
+
+    from rosa2.session import SessionEngine
+
+    engine = SessionEngine(**configs)
+    on_turn = (lambda r: print(json.dumps(asdict(r)), flush=True)) if args.json else print_turn
+    result = engine.run(problem, environment, on_turn=on_turn)
+    summary = {k: v for k, v in asdict(result).items() if k != "turns"}
+    summary["scoring"] = environment.name
+    if args.save_adapter:
+        summary["adapter"] = str(engine.save_adapter(args.save_adapter))
+    if args.json:
+        print(json.dumps({"summary": summary}))
+    else:
+        outcome = f"solved at turn {result.turn_solved}" if result.solved else f"not solved in {result.turns_used} turns"
+        print(f"=== {result.method}: {outcome}, {result.seconds:.1f} s, peak memory {result.peak_memory_bytes / 2**20:.0f} MiB")
+    return 0
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--question", required=True, help="the first user message x_1")
+    parser.add_argument("--answer", required=True, help="the reference answer (never shown to the model)")
+    parser.add_argument("--domain", choices=["math", "choice"], default="math", help="how the answer is scored")
+    parser.add_argument("--json", action="store_true", help="one JSON object per turn, then {'summary': ...}")
+    parser.add_argument("--save-adapter", metavar="DIR", help="save the session's adapter θ here (PEFT layout)")
+    add_engine_arguments(parser)
+    parser.set_defaults(func=cmd)
