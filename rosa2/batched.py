@@ -333,9 +333,9 @@ def batched_parametric_step(
 
 @contextmanager
 def _frozen(model: Any) -> Iterator[None]:
-    """Base weights without requires_grad inside the block: autograd then keeps no Linear inputs
-    for weight gradients nobody asked for (PEFT freezes them for good; the shared model is
-    restored here because other engines may train it)."""
+    """Base weights without requires_grad inside the block, so autograd keeps no Linear inputs
+    for base-weight gradients nobody asks for (the update's activation memory); the flags are
+    restored because the model is shared with other engines."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)

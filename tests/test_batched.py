@@ -13,7 +13,7 @@ import torch
 
 from rosa2 import models
 from rosa2.batched import BatchedSessionEngine, RowLoRA, UpdateItem, batched_parametric_step, generate_batch
-from rosa2.config import AdaptConfig, ConfigError, GenerationConfig, SessionConfig
+from rosa2.config import AdaptConfig, ConfigError, GenerationConfig, SemanticConfig, SessionConfig
 from rosa2.environment import Environment, ExactMatchEnvironment
 from rosa2.policy import Policy
 from rosa2.records import Problem, RewardResult
@@ -142,11 +142,12 @@ def test_parity_and_continuous_batching(method, granularity):
     batch_size 2 and sessions leaving at different rounds, problems join freed slots (θ reset)."""
     session = SessionConfig(method=method, max_turns=3)
     adapt = AdaptConfig(granularity=granularity)
-    generation = GenerationConfig(max_new_tokens=10)
-    single = SessionEngine(models.tiny_random(seed=0), session, adapt, generation=generation)
+    generation = GenerationConfig(max_new_tokens=8)
+    critic = SemanticConfig(max_new_tokens=16)  # the random critic never closes TextGrad's tags: keep it short
+    single = SessionEngine(models.tiny_random(seed=0), session, adapt, critic, generation)
     expected = [single.run(p, ScriptedEnvironment(k)) for p, k in zip(PROBLEMS, ACCEPT_AT)]
 
-    engine = BatchedSessionEngine(models.tiny_random(seed=0), session, adapt, generation=generation, batch_size=2)
+    engine = BatchedSessionEngine(models.tiny_random(seed=0), session, adapt, critic, generation, batch_size=2)
     order: list[tuple[str, int]] = []
     left: list[str] = []
     got = engine.run_many(
