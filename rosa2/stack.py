@@ -66,6 +66,8 @@ class StackConfig:
                 f"database_url={self.database_url!r} is not allowed; expected 'team' or postgresql://user:pass@host:port "
                 "(leave it unset for SQLite under the project home)"
             )
+        if self.start_timeout_s <= 0:
+            raise ConfigError(f"start_timeout_s={self.start_timeout_s!r} must be > 0")
 
     def postgres(self, database: str, driver: str = "postgresql") -> str | None:
         """The URL of one server's database on the configured PostgreSQL, or None for SQLite."""
@@ -77,8 +79,6 @@ class StackConfig:
             return (team.current() or team.up()).url(database, driver)
         parsed = urlparse(self.database_url)
         return parsed._replace(scheme=driver, path="/" + database).geturl()
-        if self.start_timeout_s <= 0:
-            raise ConfigError(f"start_timeout_s={self.start_timeout_s!r} must be > 0")
 
 
 @dataclass
