@@ -526,12 +526,6 @@ class BatchedSessionEngine(SessionEngine):
                 s.history = [*s.history, {"role": "assistant", "content": reply.text}, {"role": "user", "content": refined[k]}]
         return finished
 
-    def _update_context(self, history: list[dict[str, str]], reply: Any, refined: str) -> Any:
-        """The context y_t is scored in: H (generated) or H + y_t + x*_{t+1} (next), as ``SessionEngine._update``."""
-        if self.adapt.update_context == "next":
-            return self.policy.prompt_ids([*history, {"role": "assistant", "content": reply.text}, {"role": "user", "content": refined}])
-        return reply.prompt_ids
-
 
 def _seconds(record: TurnRecord) -> float:
     return record.seconds_generate + record.seconds_parametric + record.seconds_semantic + record.seconds_reward

@@ -218,15 +218,17 @@ class SessionEngine:
         return self.semantic().refine(problem.prompt, history, response, message)
 
     def _update(self, history: list[Message], reply: Any, refined: str, reward: float) -> ParametricStep:
-        """θ ← θ + Δθ on y_t, scored in the context it was generated in (H, the paper's reading) or
-        in the next one (H + y_t + x*_{t+1}), per ``AdaptConfig.update_context``."""
-        prompt = reply.prompt_ids
-        if self.adapt.update_context == "next":
-            after = [*history, {"role": "assistant", "content": reply.text}, {"role": "user", "content": refined}]
-            prompt = self.policy.prompt_ids(after)
+        """θ ← θ + Δθ on y_t, in the context ``_update_context`` picks."""
         parametric = self.parametric()
         assert parametric is not None
-        return parametric.step(prompt, reply.response_ids, reward)
+        return parametric.step(self._update_context(history, reply, refined), reply.response_ids, reward)
+
+    def _update_context(self, history: list[Message], reply: Any, refined: str) -> Any:
+        """Prompt ids y_t is scored in: the context it was generated in (H, the paper's reading) or
+        the next one (H + y_t + x*_{t+1}), per ``AdaptConfig.update_context``."""
+        if self.adapt.update_context == "next":
+            return self.policy.prompt_ids([*history, {"role": "assistant", "content": reply.text}, {"role": "user", "content": refined}])
+        return reply.prompt_ids
 
     def _record(self, t, history, reply, result, reward, feedback, refined, refinement, step, clock) -> TurnRecord:  # type: ignore[no-untyped-def]
         detail = as_dict(result)
