@@ -63,11 +63,12 @@ def experiment(cell: Cell, tracking: TrackingConfig, parent_run_id: str | None =
         get_run_logger().info("cell %s already finished in %s: skipped", key, run.url)
         summary = _summary_from_tracking(tracking, cell, run.run_id)
         return CellOutcome(cell.name(), key, run.run_id, run.url, True, summary, flow_run_url())
-    with tr.system_metrics(run.run_id):  # GPU utilisation and memory, on GPU hosts only
-        results = sessions.run_sessions(cell, dataset.problems, store, tracking.adapters, progress)
-    results = sessions.evaluate_code(cell, dataset.problems, results, store)
-    summary = sessions.aggregate(results, cell.session.max_turns)
-    publish.log_cell(tracking, run.run_id, cell, key, dataset, results, summary, store)
+    with publish.killed_on_interrupt(tracking, run.run_id):
+        with tr.system_metrics(run.run_id):  # GPU utilisation and memory, on GPU hosts only
+            results = sessions.run_sessions(cell, dataset.problems, store, tracking.adapters, progress)
+        results = sessions.evaluate_code(cell, dataset.problems, results, store)
+        summary = sessions.aggregate(results, cell.session.max_turns)
+        publish.log_cell(tracking, run.run_id, cell, key, dataset, results, summary, store)
     outcome_summary = publish.cell_summary(cell, summary, run.run_id)
     return CellOutcome(cell.name(), key, run.run_id, run.url, False, outcome_summary, flow_run_url())
 
@@ -87,7 +88,8 @@ def run_group(cells: list[Cell], tracking: TrackingConfig, name: str, kind: str,
         from flows import scaleout as fan_out
 
         fan_out.run([{"cell": c, "tracking": tracking, "parent_run_id": parent.run_id, "progress": False} for c in cells], scaleout)
-    outcomes = [experiment(cell, tracking, parent.run_id, progress) for cell in cells]
+    with publish.killed_on_interrupt(tracking, parent.run_id):
+        outcomes = [experiment(cell, tracking, parent.run_id, progress) for cell in cells]
     summaries = [o.summary for o in outcomes]
     markdown = publish.publish_report(tracking, parent.run_id, summaries, name)
     publish.close_group(tracking, parent.run_id)

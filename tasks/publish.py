@@ -8,10 +8,11 @@ run. Network failures are retried by Prefect first.
 from __future__ import annotations
 
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import wraps
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 from prefect import task
 from prefect.cache_policies import NONE
@@ -143,6 +144,21 @@ def finish_group(tracking_cfg: TrackingConfig, run_id: str) -> None:
     mc = tracking.client(tracking_cfg)
     tracking.set_tags(mc, run_id, {tracking.TAG_COMPLETE: "true"})
     tracking.finish(mc, run_id)
+
+
+@contextmanager
+def killed_on_interrupt(tracking_cfg: TrackingConfig, run_id: str) -> Iterator[None]:
+    """Ctrl-C (or SIGTERM turned into KeyboardInterrupt) inside the block marks ``run_id`` KILLED in
+    MLflow instead of leaving it RUNNING forever; the rerun resumes it (``open_run`` sets RUNNING)
+    and finished problems come from the local store. Best effort: a down server changes nothing."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        try:
+            tracking.finish(tracking.client(tracking_cfg), run_id, "KILLED")
+        except Exception:  # noqa: BLE001 - the interrupt is what the user must see
+            pass
+        raise
 
 
 _INFRA = dict(cache_policy=NONE, retries=2, retry_delay_seconds=5, retry_condition_fn=retry_infrastructure_only)

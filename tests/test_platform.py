@@ -305,6 +305,32 @@ def test_mlflow_down_mid_run_keeps_results_and_the_rerun_uploads_them(platform, 
         stack.stop("mlflow", own, home=server_home)
 
 
+def test_ctrl_c_marks_the_cell_run_killed_and_the_rerun_resumes_it(platform, tiny_dir, monkeypatch):
+    from flows.experiment import experiment
+    from tasks import sessions
+
+    tracking = dataclasses.replace(platform, study="interrupt-test")
+    cell = tiny_cell(tiny_dir, "baseline")
+    run_sessions = sessions.run_sessions
+
+    def interrupted(*args, **kwargs):  # what Ctrl-C raises in the middle of the sessions
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sessions, "run_sessions", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        experiment(cell, tracking, None, False)
+    mc = client(tracking)
+    exp_id = mc.get_experiment_by_name("interrupt-test").experiment_id
+    (run,) = mc.search_runs([exp_id])
+    assert run.info.status == "KILLED"  # not left RUNNING in the UI
+
+    monkeypatch.setattr(sessions, "run_sessions", run_sessions)
+    outcome = experiment(cell, tracking, None, False)
+    assert outcome.run_id == run.info.run_id and not outcome.skipped
+    (after,) = mc.search_runs([exp_id])
+    assert after.info.status == "FINISHED"
+
+
 def test_ablation_has_the_six_methods_and_brings_the_switch_turn_within_t_max(tiny_dir):
     from flows.ablation import ABLATION_METHODS, ablation_cells
 
