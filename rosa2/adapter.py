@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from rosa2.config import AdaptConfig, ConfigError, ModelConfig
 from rosa2.models import LoadedModel, ModelError
@@ -151,6 +152,35 @@ def damped_min_norm_step(jacobian: Any, residual: Any, eta: float, damping: floa
     return eta * (jacobian.T @ coeff.to(jacobian.device, jacobian.dtype)), scale
 
 
+@contextmanager
+def update_memory(model: Any, cfg: AdaptConfig) -> Iterator[None]:
+    """The update's forward/backward with bounded activation memory: with
+    ``cfg.checkpoint_activations`` every transformer block keeps only its input and recomputes its
+    activations during the backward (non-reentrant ``torch.utils.checkpoint``), so the update holds
+    one block's activations instead of all of them. The step is the same: the recomputation is the
+    same arithmetic on the same inputs. Only the blocks' own ``training`` flag is set (their
+    children stay in eval mode, so no dropout switches on); everything is restored on exit."""
+    import functools
+
+    import torch
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)] if cfg.checkpoint_activations else []
+    saved = [(m, m.gradient_checkpointing, m.training, m.__dict__.get("_gradient_checkpointing_func")) for m in blocks]
+    recompute = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    for m in blocks:
+        m.gradient_checkpointing, m.training, m._gradient_checkpointing_func = True, True, recompute
+    try:
+        yield
+    finally:
+        for m, enabled, training, func in saved:
+            m.gradient_checkpointing, m.training = enabled, training
+            if func is None:
+                m.__dict__.pop("_gradient_checkpointing_func", None)
+            else:
+                m._gradient_checkpointing_func = func
+
+
 # ---------------------------------------------------------------------------------------------
 # The adapter
 
@@ -232,9 +262,9 @@ class ParametricStream:
             return ParametricStep(0.0, 0, [], 0.0, time.perf_counter() - start)
         self.activate()
         ids = torch.cat([prompt_ids, response_ids]).to(self.policy.device)[None]
-        with torch.enable_grad():
-            # logits of the positions that predict the response tokens only
-            logits = self.policy.model(input_ids=ids, logits_to_keep=tokens + 1).logits[0, :-1].float()
+        with torch.enable_grad(), update_memory(self.policy.model, cfg):
+            # logits of the positions that predict the response tokens only; no KV cache to keep
+            logits = self.policy.model(input_ids=ids, logits_to_keep=tokens + 1, use_cache=False).logits[0, :-1].float()
             logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[0, -tokens:, None].long())[:, 0]
             outputs, residual = response_objective(logp, reward, cfg)
             jacobian = jacobian_rows(outputs, self.params)

@@ -259,7 +259,7 @@ def batched_parametric_step(
     cfg: AdaptConfig,
     items: Sequence[UpdateItem],
     *,
-    micro_batch: int = 8,
+    max_tokens: int = 1024,
     segment_chunk: int = 16,
 ) -> list[Any]:
     """Δθ_b for every item, each toward its own target policy (ROSA2 Eq. 11 as ``rosa2.adapter``
@@ -270,9 +270,12 @@ def batched_parametric_step(
     session b's J. With S > 1 segments the S rows come from one vmapped backward over the basis
     vectors e_s (``is_grads_batched``), ``segment_chunk`` of them at a time to bound memory. The
     residuals and the damped minimum-norm solve are the single engine's functions, so both engines
-    take the same step. ``micro_batch`` bounds the activations kept for the backward (memory grows
-    with sessions × context length). Returns one ``rosa2.adapter.ParametricStep`` per item."""
-    from rosa2.adapter import ParametricStep, damped_min_norm_step, response_objective
+    take the same step. Memory: sessions go through the backward in micro-batches of at most
+    ``max_tokens`` context + response tokens (one session at least), and ``cfg.checkpoint_activations``
+    keeps only each block's input (``rosa2.adapter.update_memory``), so the update's activation
+    memory is bounded by the token budget, not by B or by how long the sessions have run.
+    Returns one ``rosa2.adapter.ParametricStep`` per item."""
+    from rosa2.adapter import ParametricStep, damped_min_norm_step, response_objective, update_memory
 
     steps: list[Any] = [None] * len(items)
     todo = []
@@ -282,8 +285,7 @@ def batched_parametric_step(
         else:
             todo.append(k)
     params = lora.tensors()
-    for first in range(0, len(todo), micro_batch):
-        chunk = todo[first : first + micro_batch]
+    for chunk in token_batches(todo, [int(items[k].prompt_ids.numel() + items[k].response_ids.numel()) for k in todo], max_tokens):
         start = time.perf_counter()
         group = [items[k] for k in chunk]
         slots = [item.slot for item in group]
@@ -296,9 +298,9 @@ def batched_parametric_step(
         for p in params:
             p.requires_grad_(True)
         try:
-            with torch.enable_grad(), _frozen(model), lora.rows(slots):
+            with torch.enable_grad(), _frozen(model), lora.rows(slots), update_memory(model, cfg):
                 logits = model(
-                    input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=width + 1
+                    input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=width + 1, use_cache=False
                 ).logits[:, :-1].float()
                 logp_all = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, -width:, None])[..., 0]
                 objectives = [
@@ -329,6 +331,21 @@ def batched_parametric_step(
                 seconds=seconds + time.perf_counter() - solve_start,
             )
     return steps
+
+
+def token_batches(keys: Sequence[int], tokens: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Consecutive groups of ``keys`` whose padded size (rows × longest row) stays within
+    ``max_tokens``; a row longer than the budget goes alone."""
+    groups: list[list[int]] = []
+    longest = 0
+    for key, n in zip(keys, tokens):
+        if groups and (len(groups[-1]) + 1) * max(longest, n) <= max_tokens:
+            groups[-1].append(key)
+            longest = max(longest, n)
+        else:
+            groups.append([key])
+            longest = n
+    return groups
 
 
 @contextmanager
@@ -403,15 +420,15 @@ class BatchedSessionEngine(SessionEngine):
         sandbox: SandboxConfig | None = None,
         *,
         batch_size: int = 8,
-        update_micro_batch: int = 8,
+        update_tokens: int = 1024,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size!r} must be >= 1")
-        if update_micro_batch < 1:
-            raise ConfigError(f"update_micro_batch={update_micro_batch!r} must be >= 1")
+        if update_tokens < 1:
+            raise ConfigError(f"update_tokens={update_tokens!r} must be >= 1 (tokens per backward micro-batch)")
         super().__init__(model, session, adapt, semantic, generation, sandbox)
         self.batch_size = batch_size
-        self.update_micro_batch = update_micro_batch
+        self.update_tokens = update_tokens
         self._lora: RowLoRA | None = None
 
     def row_lora(self) -> RowLoRA:
@@ -449,6 +466,7 @@ class BatchedSessionEngine(SessionEngine):
             raise ConfigError(f"{len(environments)} environments for {len(problems)} problems; expected one per problem")
         weights = uses_streams(self.session)[1]
         lora = self.row_lora() if weights else None
+        self._finished_slot = None
         waiting = list(range(len(problems)))[::-1]
         free = list(range(self.batch_size))[::-1]
         live: list[_Live] = []
@@ -467,6 +485,7 @@ class BatchedSessionEngine(SessionEngine):
                 results[session.index] = result = self._result(
                     session.problem, session.turns, sum(_seconds(r) for r in session.turns), session.scored
                 )
+                self._finished_slot = session.slot  # save_adapter inside on_result saves this θ
                 if on_result is not None:
                     on_result(result)
                 free.append(session.slot)
@@ -510,7 +529,7 @@ class BatchedSessionEngine(SessionEngine):
                 UpdateItem(live[k].slot, self._update_context(live[k].history, replies[k], refined[k]), replies[k].response_ids, steps[k][1])
                 for k in updates
             ]
-            for k, step in zip(updates, batched_parametric_step(self.policy.model, lora, self.adapt, items, micro_batch=self.update_micro_batch)):
+            for k, step in zip(updates, batched_parametric_step(self.policy.model, lora, self.adapt, items, max_tokens=self.update_tokens)):
                 parametric[k] = step
                 clocks[k].seconds["parametric"] = step.seconds
         finished = []

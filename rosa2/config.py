@@ -100,6 +100,11 @@ class AdaptConfig:
         "(H_{t-1} + y_t + feedback)",
         default="generated",
     )
+    checkpoint_activations: bool = _help(
+        "Recompute each layer's activations in the update's backward instead of keeping them "
+        "(same step, less memory, about one extra forward)",
+        default=True,
+    )
 
     def __post_init__(self) -> None:
         self.target_modules = tuple(self.target_modules)
@@ -164,10 +169,17 @@ class SessionConfig:
     )
     max_turns: int = _help("T_max: turns per problem at most", default=5)
     feedback: str = _help("Simulated user: 'none' (empty), 'sparse' (fixed retry message), 'rich' (error text)", default="sparse")
+    parallel_sessions: int = _help(
+        "Sessions of a cell advanced together: 1 = one at a time (SessionEngine); N > 1 = the batched "
+        "engine with N adapter slots (same results under greedy decoding)",
+        default=1,
+    )
 
     def __post_init__(self) -> None:
         if self.max_turns < 1:
             raise ConfigError(f"max_turns={self.max_turns!r} must be >= 1")
+        if self.parallel_sessions < 1:
+            raise ConfigError(f"parallel_sessions={self.parallel_sessions!r} must be >= 1")
         _check_choice("feedback", self.feedback, ["none", "sparse", "rich"])
         match = METHOD_RE.fullmatch(self.method)
         allowed = list(BASE_METHODS) + [f"{m}@k" for m in SWITCH_METHODS]

@@ -92,6 +92,28 @@ def test_batched_jacobian_equals_one_backward_per_row(tiny):
     assert torch.allclose(jacobian_rows(outputs, stream.params), torch.stack(rows), atol=1e-7)
 
 
+@pytest.mark.parametrize("granularity", ["sequence", "chunks:4"])
+def test_activation_checkpointing_takes_the_same_step_and_restores_the_model(tiny, granularity):
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from rosa2.adapter import update_memory
+
+    steps = {}
+    for checkpoint in (False, True):
+        policy, stream, reply = stream_and_answer(tiny, granularity=granularity, checkpoint_activations=checkpoint)
+        stream.step(reply.prompt_ids, reply.response_ids, -1.0)
+        steps[checkpoint] = torch.cat([w.detach().flatten().clone() for w in stream.params])
+    assert steps[True].abs().sum() > 0
+    torch.testing.assert_close(steps[True], steps[False], rtol=1e-4, atol=1e-7)
+
+    blocks = [m for m in policy.model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    assert blocks, "the model has no checkpointable blocks: the test would prove nothing"
+    with update_memory(policy.model, AdaptConfig()):
+        assert all(b.gradient_checkpointing and b.training for b in blocks)
+        assert not any(m.training for b in blocks for m in b.children())  # no dropout switched on
+    assert not any(b.gradient_checkpointing or b.training for b in blocks)
+
+
 def test_segments_are_contiguous_and_capped():
     assert segment_index(5, "sequence", 64).tolist() == [0] * 5
     assert segment_index(6, "chunks:3", 64).tolist() == [0, 0, 1, 1, 2, 2]

@@ -76,9 +76,11 @@ def test_per_row_adapters_are_independent(tiny):
     assert torch.allclose(swapped[1], after[0], atol=1e-5)
 
 
-def test_batched_step_equals_the_single_stream_step(tiny):
+@pytest.mark.parametrize("max_tokens", [1, 4096])  # each session alone / both in one backward
+def test_batched_step_equals_the_single_stream_step(tiny, max_tokens):
     """Two sessions updated in one backward take, each, the step ParametricStream takes alone
-    (granularity chunks:3 goes through the vmapped is_grads_batched path)."""
+    (granularity chunks:3 goes through the vmapped is_grads_batched path), whatever the token budget
+    of the backward's micro-batches."""
     from rosa2.adapter import ParametricStream
 
     cfg = AdaptConfig(granularity="chunks:3")
@@ -90,7 +92,7 @@ def test_batched_step_equals_the_single_stream_step(tiny):
     for slot in range(2):
         lora.reset(slot, seed=10 + slot)
     items = [UpdateItem(slot, prompts[slot], replies[slot].response_ids, reward) for slot, reward in ((0, -1.0), (1, 1.0))]
-    batched = batched_parametric_step(other.model, lora, cfg, items)
+    batched = batched_parametric_step(other.model, lora, cfg, items, max_tokens=max_tokens)
 
     stream = ParametricStream(policy, cfg)
     for slot, item in enumerate(items):
@@ -178,11 +180,21 @@ def test_reset_gives_the_single_engines_initial_adapter(tiny):
     assert not any(m._forward_hooks for m in tiny.model.modules())
 
 
+def test_token_batches_keep_the_padded_size_within_the_budget():
+    from rosa2.batched import token_batches
+
+    assert token_batches([0, 1, 2, 3], [100, 120, 90, 300], 250) == [[0, 1], [2], [3]]
+    assert token_batches([0, 1, 2], [10, 10, 10], 1) == [[0], [1], [2]]  # over budget: one each
+    assert token_batches([0, 1, 2], [10, 10, 10], 1024) == [[0, 1, 2]]
+
+
 def test_bad_input_is_refused(tiny):
     with pytest.raises(ConfigError, match="gate_projx"):
         RowLoRA(tiny.model, AdaptConfig(target_modules=("q_proj", "gate_projx")), slots=2)
     with pytest.raises(ConfigError, match="batch_size=0"):
         BatchedSessionEngine(tiny, SessionConfig(method="rosa"), batch_size=0)
+    with pytest.raises(ConfigError, match="update_tokens=0"):
+        BatchedSessionEngine(tiny, SessionConfig(method="rosa"), update_tokens=0)
     from rosa2.bench import BenchConfig
 
     with pytest.raises(ConfigError, match="arms"):
