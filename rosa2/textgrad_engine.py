@@ -21,6 +21,7 @@ before generating), one batched generation answers them all, a replay pass serve
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, TypeVar
@@ -30,6 +31,10 @@ from textgrad.autograd import StringBasedFunction
 from textgrad.engine import EngineLM
 
 from rosa2.errors import Rosa2Error
+
+# TextGrad logs every prompt at INFO to its own file (TEXTGRAD_LOG_DIR, under the project home);
+# propagated to the root logger those lines flooded the console of `rosa2 run` through Prefect.
+logging.getLogger("textgrad").propagate = False
 
 T = TypeVar("T")
 Key = tuple[str, str]  # (system prompt, prompt)
