@@ -23,12 +23,14 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch  # this module is only imported once a batched run starts
 
 from rosa2.config import AdaptConfig, ConfigError, GenerationConfig, ModelConfig, SandboxConfig, SemanticConfig, SessionConfig
 from rosa2.environment import Environment, environment_for
+from rosa2.errors import Rosa2Error
 from rosa2.models import LoadedModel
 from rosa2.records import Problem, ProblemResult, TurnRecord
 from rosa2.session import OnTurn, SessionEngine, _Clock, peak_memory_bytes, problem_seed, reset_peak_memory, uses_streams
@@ -142,6 +144,32 @@ class RowLoRA:
     def nbytes(self) -> int:
         """Memory held by all slots' adapters (the bounded part of the adaptation's memory)."""
         return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def save_slot(self, slot: int, path: str | Path, base_model: str | None = None) -> Path:
+        """Write θ_slot in PEFT's adapter layout: ``adapter_config.json`` + ``adapter_model.safetensors``
+        with the keys ``get_peft_model_state_dict`` gives ``ParametricStream``, so
+        ``SessionEngine.load_adapter``, ``PeftModel.from_pretrained`` and ``rosa2 adapters show`` read
+        it as they read an adapter the one-at-a-time engine saved. ``base_model`` goes into the config."""
+        from peft import LoraConfig
+        from safetensors.torch import save_file
+
+        from rosa2.adapter import ADAPTER_WEIGHTS
+
+        if not 0 <= slot < self.slots:
+            raise ValueError(f"slot {slot} outside 0..{self.slots - 1}")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {}
+        for (name, _), a, b in zip(self.targets, self.A, self.B):
+            # PeftModel wraps the model as base_model.model; the adapter name is dropped on save
+            state[f"base_model.model.{name}.lora_A.weight"] = a[slot].detach().to("cpu", copy=True)
+            state[f"base_model.model.{name}.lora_B.weight"] = b[slot].detach().to("cpu", copy=True)
+        save_file(state, str(path / ADAPTER_WEIGHTS))
+        LoraConfig(
+            r=self.cfg.rank, lora_alpha=self.cfg.alpha, target_modules=list(self.cfg.target_modules),
+            lora_dropout=0.0, bias="none", base_model_name_or_path=base_model,
+        ).save_pretrained(str(path))
+        return path
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -446,10 +474,28 @@ class BatchedSessionEngine(SessionEngine):
     def parametric(self, create: bool = True) -> Any:
         raise NotImplementedError("the batched engine keeps per-row adapters (row_lora), not a PEFT stream")
 
-    def save_adapter(self, path: Any) -> Any:
-        raise NotImplementedError("the batched engine keeps no adapter after a session leaves; use SessionEngine")
+    _finished_slot: int | None = None  # slot of the session that left last (its θ stays until a problem joins)
 
-    load_adapter = save_adapter
+    def save_adapter(self, path: str | Path) -> Path:
+        """Save θ of the session that finished last (PEFT layout, adapter only): call it from
+        ``run_many``'s ``on_result``, which runs before the slot is given to the next problem, or
+        after ``run``. The file is what ``SessionEngine.save_adapter`` writes for that problem."""
+        if not uses_streams(self.session)[1]:
+            raise Rosa2Error(f"method {self.session.method!r} has no parametric stream, so there is no adapter to save")
+        if self._lora is None or self._finished_slot is None:
+            raise Rosa2Error("no session has finished yet; save_adapter saves the adapter of the session that left last")
+        return self._lora.save_slot(self._finished_slot, path, base_model=self.policy.source)
+
+    def load_adapter(self, path: str | Path) -> None:
+        raise NotImplementedError("the batched engine's slots start at θ = 0; load a saved adapter with SessionEngine")
+
+    def release(self) -> None:
+        """Take the per-row adapters off the shared model (hooks removed, slot memory freed); the next
+        run builds them afresh. Engines derived with ``with_session`` each build their own, so a
+        process that runs many cells on one loaded model calls this after each cell."""
+        if self._lora is not None:
+            self._lora.remove()
+            self._lora = None
 
     def run(self, problem: Problem, environment: Environment | None = None, on_turn: OnTurn | None = None) -> ProblemResult:
         return self.run_many([problem], [environment] if environment is not None else None, on_turn)[0]
