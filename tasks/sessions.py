@@ -4,7 +4,9 @@ Tasks are plain functions with explicit inputs and outputs; retries, tags and ca
 decorators. Only infrastructure errors (sandbox, network, Docker, a lost device) are retried — a
 bad config or a model failure is not. The session task saves every finished problem to the local
 :class:`~tasks.cells.ResultStore` before moving on, and skips problems already there, so a retry,
-a crash or a kill resumes where it stopped.
+a crash or a kill resumes where it stopped. With ``SessionConfig.parallel_sessions`` > 1 the
+problems run through the batched engine (``rosa2.batched``) and each is saved as it leaves the
+batch, so a kill loses at most the sessions in flight.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from prefect.cache_policies import NONE
 
 from rosa2 import env
 from rosa2.config import ADAPTER_RETENTION, DataConfig
+from rosa2.errors import Rosa2Error
 from rosa2.records import Problem, ProblemResult
 from tasks.cells import Cell, ResultStore, _atomic_write, digest
 
@@ -97,17 +100,35 @@ _engines: dict[str, Any] = {}
 
 def engine_for(cell: Cell) -> Any:
     """A session engine for the cell. The loaded model is reused across cells in-process: an engine
-    per model × generation × sandbox, re-pointed at each cell's method and knobs (``with_session``)."""
-    from rosa2.config import flatten
-    from rosa2.session import SessionEngine
+    per model × generation × sandbox, re-pointed at each cell's method and knobs (``with_session``).
 
-    key = digest(flatten(model=cell.model, generation=cell.generation, sandbox=cell.sandbox))
+    ``parallel_sessions`` > 1 gives a ``BatchedSessionEngine`` with that many adapter slots. It
+    loads its own copy of the model: the one-at-a-time engine wraps its model in a PeftModel, and
+    the batched engine's per-row hooks must sit on the bare Linear modules. Batched cells share one
+    batched engine whatever their slot count (the slots are built per run)."""
+    from rosa2.config import flatten
+
+    parallel = cell.session.parallel_sessions
+    kind = "batched" if parallel > 1 else "single"
+    key = kind + "-" + digest(flatten(model=cell.model, generation=cell.generation, sandbox=cell.sandbox))
     engine = _engines.get(key)
     if engine is None:
-        engine = SessionEngine(cell.model, cell.session, cell.adapt, cell.semantic, cell.generation, cell.sandbox)
+        if parallel > 1:
+            from rosa2.batched import BatchedSessionEngine
+
+            engine = BatchedSessionEngine(
+                cell.model, cell.session, cell.adapt, cell.semantic, cell.generation, cell.sandbox, batch_size=parallel
+            )
+        else:
+            from rosa2.session import SessionEngine
+
+            engine = SessionEngine(cell.model, cell.session, cell.adapt, cell.semantic, cell.generation, cell.sandbox)
         _engines[key] = engine
         return engine
-    return engine.with_session(cell.session, adapt=cell.adapt, semantic=cell.semantic)
+    engine = engine.with_session(cell.session, adapt=cell.adapt, semantic=cell.semantic)
+    if parallel > 1:
+        engine.batch_size = parallel
+    return engine
 
 
 def keep_adapter(policy: str, result: ProblemResult, is_last: bool) -> bool:
@@ -131,26 +152,52 @@ def run_cell_sessions(
     progress: bool = True,
     on_problem: Callable[[ProblemResult], None] | None = None,
 ) -> list[ProblemResult]:
-    """Algorithm 1 over the cell's problems; every finished problem is stored before the next starts."""
+    """Algorithm 1 over the cell's problems, skipping those already in the store; every finished
+    problem is stored (and its adapter kept, per ``adapters``) the moment it finishes. With
+    ``parallel_sessions`` > 1 the rest run ``parallel_sessions`` at a time (``run_many``) and are
+    stored as they leave the batch. Results come back in problem order."""
     from tqdm import tqdm
 
-    results: list[ProblemResult] = []
-    engine = None
-    bar = tqdm(problems, desc=cell.name(), unit="problem", disable=not progress, file=sys.stderr, leave=True)
-    for index, problem in enumerate(bar):
-        key = cell.problem_key(problem)
-        result = store.get(key)
+    done: dict[int, ProblemResult] = {}
+    todo: list[int] = []
+    for index, problem in enumerate(problems):
+        result = store.get(cell.problem_key(problem))
         if result is None:
-            engine = engine or engine_for(cell)
-            result = engine.run(problem)  # the engine picks the environment (rewards, sandbox) for the domain
-            if keep_adapter(adapters, result, index == len(problems) - 1):
-                engine.save_adapter(store.adapter_dir(key))
-            store.put(key, result)
-            if on_problem:
-                on_problem(result)
-        results.append(result)
-        bar.set_postfix(solved=sum(r.solved for r in results))
-    return results
+            todo.append(index)
+        else:
+            done[index] = result
+    bar = tqdm(total=len(problems), initial=len(done), desc=cell.name(), unit="problem", disable=not progress, file=sys.stderr, leave=True)
+    engine: Any = None
+
+    def finish(index: int, result: ProblemResult) -> None:
+        key = cell.problem_key(problems[index])
+        if keep_adapter(adapters, result, index == len(problems) - 1):
+            engine.save_adapter(store.adapter_dir(key))  # batched: the leaving session's slot, not yet reused
+        store.put(key, result)
+        done[index] = result
+        if on_problem:
+            on_problem(result)
+        bar.update()
+        bar.set_postfix(solved=sum(r.solved for r in done.values()))
+
+    try:
+        if todo:
+            engine = engine_for(cell)
+        if todo and cell.session.parallel_sessions > 1:
+            index_of = {problems[i].id: i for i in todo}
+            if len(index_of) != len(todo):
+                raise Rosa2Error(f"problem ids repeat in cell {cell.name()!r}; a batched run needs unique ids")
+            try:
+                # the engine picks each problem's environment (rewards, sandbox) for its domain
+                engine.run_many([problems[i] for i in todo], on_result=lambda r: finish(index_of[r.problem_id], r))
+            finally:
+                engine.release()  # the slots' hooks off the shared model before the next cell
+        else:
+            for index in todo:
+                finish(index, engine.run(problems[index]))
+    finally:
+        bar.close()
+    return [done[i] for i in range(len(problems))]
 
 
 run_sessions = task(
