@@ -291,25 +291,28 @@ def add_arguments(
     prefix: str = "",
     skip: Iterable[str] = (),
     aliases: dict[str, str] | None = None,
+    defaults: dict[str, Any] | None = None,
 ) -> None:
     """Add one ``--prefix-field`` option per dataclass field, with its help text and default.
 
-    ``aliases`` maps a field to a shorter flag (``{"name": "--model"}``)."""
+    ``aliases`` maps a field to a shorter flag (``{"name": "--model"}``); ``defaults`` gives a
+    command its own default for a field (shown in ``--help``) in place of the dataclass's."""
     group = parser.add_argument_group(cls.__name__)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         flag = (aliases or {}).get(f.name) or "--" + (prefix + f.name).replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_text = f"{f.metadata.get('help', '')} (default: {default!r})"
+        own = (defaults or {}).get(f.name)  # None: from_args keeps the dataclass default
+        help_text = f"{f.metadata.get('help', '')} (default: {own if own is not None else default!r})"
         dest = (prefix + f.name).replace("-", "_")
         if f.type in ("bool", bool):
-            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=own, help=help_text)
         elif "tuple" in str(f.type):
-            group.add_argument(flag, dest=dest, default=None, help=help_text + "; comma-separated")
+            group.add_argument(flag, dest=dest, default=own, help=help_text + "; comma-separated")
         else:
             kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], None)
-            group.add_argument(flag, dest=dest, type=kind or str, default=None, help=help_text)
+            group.add_argument(flag, dest=dest, type=kind or str, default=own, help=help_text)
 
 
 def from_args(cls: type, args: argparse.Namespace, prefix: str = "", **overrides: Any) -> Any:

@@ -123,3 +123,18 @@ def test_doctor_fails_with_the_fix_when_the_model_cache_is_missing(tmp_path):
     assert out.returncode == 1, out.stdout
     assert "[FAIL] embedded model" in out.stdout
     assert "fix: run `bash infra/setup.sh`" in out.stdout
+
+
+def test_rosa2_run_has_demo_size_defaults_that_flags_override(capsys):
+    from rosa2.cli import build_parser, main
+    from rosa2.cli.run import base_cell
+
+    cell = base_cell(build_parser("run").parse_args(["run"]))
+    assert (cell.generation.max_new_tokens, cell.semantic.max_new_tokens, cell.data.limit) == (64, 64, 3)
+    cell = base_cell(build_parser("run").parse_args(["run", "--max-new-tokens", "200", "--semantic-max-new-tokens", "300"]))
+    assert (cell.generation.max_new_tokens, cell.semantic.max_new_tokens) == (200, 300)
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    assert "Tokens per critic call at most (default: 64)" in " ".join(capsys.readouterr().out.split())
+    # the library defaults are untouched for everything else
+    assert GenerationConfig().max_new_tokens == 128

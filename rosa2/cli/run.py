@@ -20,6 +20,10 @@ from rosa2.config import (
 
 DEFAULT_LIMIT = 3
 DEFAULT_MAX_TURNS = 2
+# Demo-size answers and critiques: on 2 CPU cores a TextGrad critic call (two per rejected turn,
+# ~1k-token prompts) at the library default of 256 tokens made one textgrad problem take minutes.
+DEFAULT_TOKENS = {"max_new_tokens": 64}
+DEFAULT_CRITIC_TOKENS = {"max_new_tokens": 64}
 
 
 def add_cell_arguments(parser: argparse.ArgumentParser, methods: bool = True) -> None:
@@ -35,9 +39,9 @@ def add_cell_arguments(parser: argparse.ArgumentParser, methods: bool = True) ->
     add_arguments(parser, ModelConfig, prefix="model_", aliases={"name": "--model"})
     add_arguments(parser, DataConfig, skip=("limit",))
     add_arguments(parser, SessionConfig, skip=("method", "max_turns"))
-    add_arguments(parser, GenerationConfig)
+    add_arguments(parser, GenerationConfig, defaults=DEFAULT_TOKENS)
     add_arguments(parser, AdaptConfig)
-    add_arguments(parser, SemanticConfig, prefix="semantic_")
+    add_arguments(parser, SemanticConfig, prefix="semantic_", defaults=DEFAULT_CRITIC_TOKENS)
     add_arguments(parser, SandboxConfig, prefix="sandbox_")
     add_tracking_arguments(parser)
 
