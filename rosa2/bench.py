@@ -46,13 +46,19 @@ class BenchConfig:
     max_turns: int = _help("T_max per problem", default=3)
     max_new_tokens: int = _help("Tokens per answer at most", default=64)
     semantic_max_new_tokens: int = _help("Tokens per critic call at most (semantic stream)", default=128)
+    semantic_batch_size: int = _help(
+        "Critic prompts generated together (TextGrad's prompts are ~1k tokens: on a CPU the batch buys "
+        "little time and costs memory in proportion)", default=2
+    )
+    update_tokens: int = _help("Context + response tokens per backward micro-batch of the batched update", default=1024)
+    checkpoint_activations: bool = _help("Recompute activations in the update's backward (less memory)", default=True)
     feedback: str = _help("Simulated user: none | sparse | rich", default="sparse")
     seed: int = _help("Seed of every arm (problem seeds derive from it)", default=0)
     arms: tuple[str, ...] = _help("Arms to run (ratios need their arms)", default=ARMS)
 
     def __post_init__(self) -> None:
         self.arms = tuple(self.arms)
-        for name in ("problems", "batch_size", "max_turns", "max_new_tokens", "semantic_max_new_tokens"):
+        for name in ("problems", "batch_size", "max_turns", "max_new_tokens", "semantic_max_new_tokens", "semantic_batch_size", "update_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be >= 1")
         unknown = [a for a in self.arms if a not in ARMS]
@@ -62,12 +68,13 @@ class BenchConfig:
         self.engine_configs("rosa2")
 
     def engine_configs(self, method: str) -> dict[str, Any]:
-        from rosa2.config import GenerationConfig, ModelConfig, SemanticConfig, SessionConfig
+        from rosa2.config import AdaptConfig, GenerationConfig, ModelConfig, SemanticConfig, SessionConfig
 
         return {
             "model": ModelConfig(name="embedded" if self.model == TINY else self.model, device=self.device),
             "session": SessionConfig(method=method, max_turns=self.max_turns, feedback=self.feedback),
-            "semantic": SemanticConfig(max_new_tokens=self.semantic_max_new_tokens, batch_size=self.batch_size),
+            "semantic": SemanticConfig(max_new_tokens=self.semantic_max_new_tokens, batch_size=self.semantic_batch_size),
+            "adapt": AdaptConfig(checkpoint_activations=self.checkpoint_activations),
             "generation": GenerationConfig(max_new_tokens=self.max_new_tokens, seed=self.seed),
         }
 
@@ -104,10 +111,11 @@ def run_arm(arm: str, cfg: BenchConfig, problems: list[Any]) -> ArmResult:
     configs = cfg.engine_configs("baseline" if arm == "baseline" else "rosa2")
     loaded = _load(cfg)
     if arm == "sequential":
-        engine: Any = SessionEngine(loaded, configs["session"], None, configs["semantic"], configs["generation"])
+        engine: Any = SessionEngine(loaded, configs["session"], configs["adapt"], configs["semantic"], configs["generation"])
     else:
         engine = BatchedSessionEngine(
-            loaded, configs["session"], None, configs["semantic"], configs["generation"], batch_size=cfg.batch_size
+            loaded, configs["session"], configs["adapt"], configs["semantic"], configs["generation"],
+            batch_size=cfg.batch_size, update_tokens=cfg.update_tokens,
         )
     environments = [environment_for(p, cfg.feedback, allow_exact_match=True) for p in problems]
     engine.policy.generate([{"role": "user", "content": "Hi"}], max_new_tokens=2)  # one-time kernels/allocations
