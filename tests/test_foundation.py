@@ -127,7 +127,7 @@ def test_doctor_fails_with_the_fix_when_the_model_cache_is_missing(tmp_path):
 
 def test_rosa2_run_has_demo_size_defaults_that_flags_override(capsys):
     from rosa2.cli import build_parser, main
-    from rosa2.cli.run import base_cell
+    from rosa2.cli.run import base_cell, run_cells
 
     cell = base_cell(build_parser("run").parse_args(["run"]))
     assert (cell.generation.max_new_tokens, cell.semantic.max_new_tokens, cell.data.limit) == (64, 64, 3)
@@ -136,5 +136,7 @@ def test_rosa2_run_has_demo_size_defaults_that_flags_override(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--help"])
     assert "Tokens per critic call at most (default: 64)" in " ".join(capsys.readouterr().out.split())
+    _, cells = run_cells(build_parser("run").parse_args(["run", "--method", "rosa", "baseline", "--parallel-sessions", "4", "--feedback", "none"]))
+    assert [(c.method, c.session.parallel_sessions, c.session.feedback) for c in cells] == [("rosa", 4, "none"), ("baseline", 4, "none")]
     # the library defaults are untouched for everything else
     assert GenerationConfig().max_new_tokens == 128

@@ -8,6 +8,7 @@ cell options, the server check and the end-of-run print.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -113,11 +114,16 @@ def print_outcome(outcome: Any, tracking: TrackingConfig, as_json: bool) -> None
         print(f"Prefect flow run:  {outcome.prefect_url}")
 
 
-def cmd(args: argparse.Namespace) -> int:
-    tracking = from_args(TrackingConfig, args)
+def run_cells(args: argparse.Namespace) -> tuple[list[str], list[Any]]:
+    """(methods, one cell per method) from the options; every other session option is kept."""
     methods = args.methods or list(BASE_METHODS)
     base = base_cell(args, methods[0])
-    cells = [base.replace(session=SessionConfig(method=m, max_turns=base.session.max_turns, feedback=base.session.feedback)) for m in methods]
+    return methods, [base.replace(session=dataclasses.replace(base.session, method=m)) for m in methods]
+
+
+def cmd(args: argparse.Namespace) -> int:
+    tracking = from_args(TrackingConfig, args)
+    methods, cells = run_cells(args)
     with prepare_platform(tracking, args.verbose):
         from flows.experiment import cells_flow, experiment
 
