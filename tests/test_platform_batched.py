@@ -175,9 +175,11 @@ def test_parallel_sessions_is_validated_and_reaches_the_cell_from_cli_and_sweep(
     for command in ("run", "ablate"):
         args = build_parser(command).parse_args([command, "--parallel-sessions", "4"])
         assert base_cell(args).session.parallel_sessions == 4
-    args = build_parser("session").parse_args(["session", "--question", "q", "--answer", "a", "--parallel-sessions", "-2"])
+    args = build_parser("run").parse_args(["run", "--parallel-sessions", "-2"])
     with pytest.raises(ConfigError, match=r"parallel_sessions=-2"):
         from_args(SessionConfig, args)
+    with pytest.raises(SystemExit):  # one session has nothing to batch: no such option there
+        build_parser("session").parse_args(["session", "--question", "q", "--answer", "a", "--parallel-sessions", "2"])
 
     grid = "models: [embedded]\ndatasets: [embedded-math]\nmethods: [rosa, rosa2]\nseeds: [0]\n"
     path = tmp_path / "sweep.yaml"

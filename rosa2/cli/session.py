@@ -32,7 +32,7 @@ def engine_configs(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_engine_arguments(parser: argparse.ArgumentParser, skip_session: tuple[str, ...] = ()) -> None:
     add_arguments(parser, ModelConfig, prefix="model_", aliases={"name": "--model"})
-    add_arguments(parser, SessionConfig, skip=skip_session)
+    add_arguments(parser, SessionConfig, skip=(*skip_session, "parallel_sessions"))  # one session: nothing to batch
     add_arguments(parser, AdaptConfig)
     add_arguments(parser, SemanticConfig, prefix="semantic_")
     add_arguments(parser, GenerationConfig)
