@@ -190,18 +190,27 @@ def _adapter_name(cfg: AdaptConfig) -> str:
     return f"r{cfg.rank}-a{cfg.alpha:g}-" + "+".join(cfg.target_modules).replace(".", "_")
 
 
+def lora_config(cfg: AdaptConfig, base_model: str | None = None) -> Any:
+    """PEFT's LoraConfig for ``cfg``'s adapter structure (no dropout, no bias): the one definition
+    both engines attach and save."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.target_modules), lora_dropout=0.0, bias="none",
+        base_model_name_or_path=base_model,
+    )
+
+
 def attach_lora(policy: Policy, cfg: AdaptConfig) -> str:
     """Put a LoRA adapter with ``cfg``'s structure on the policy's model and make it active.
 
     The first call wraps ``policy.model`` in a PeftModel (so ``policy.model.disable_adapter()``
     gives the base model, as the semantic stream's local critic needs); later calls add or
     reuse named adapters on it. Returns the adapter name."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel, get_peft_model
 
     name = _adapter_name(cfg)
-    lora = LoraConfig(
-        r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.target_modules), lora_dropout=0.0, bias="none"
-    )
+    lora = lora_config(cfg)
     if not isinstance(policy.model, PeftModel):
         policy.model = get_peft_model(policy.model, lora, adapter_name=name).eval()
     elif name not in policy.model.peft_config:

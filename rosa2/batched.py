@@ -69,8 +69,10 @@ class RowLoRA:
         self.A: list[Any] = []
         self.B: list[Any] = []
         for _, linear in self.targets:
-            self.A.append(torch.zeros(slots, cfg.rank, linear.in_features, device=weight.device, dtype=weight.dtype))
-            self.B.append(torch.zeros(slots, linear.out_features, cfg.rank, device=weight.device, dtype=weight.dtype))
+            # float32 whatever the model's dtype, as PEFT keeps the one-at-a-time engine's adapter:
+            # accumulated steps are not rounded to bfloat16 and both engines save the same tensors
+            self.A.append(torch.zeros(slots, cfg.rank, linear.in_features, device=weight.device, dtype=torch.float32))
+            self.B.append(torch.zeros(slots, linear.out_features, cfg.rank, device=weight.device, dtype=torch.float32))
         self._rows: Any = None
         self._handles = [linear.register_forward_hook(self._hook(i)) for i, (_, linear) in enumerate(self.targets)]
 
@@ -85,9 +87,9 @@ class RowLoRA:
                 raise RuntimeError(f"RowLoRA: batch has {x.shape[0]} rows but {rows.shape[0]} slot ids are set")
             a = self.A[index][rows]  # [b, r, in]
             b = self.B[index][rows]  # [b, out, r]
-            flat = x.reshape(x.shape[0], -1, x.shape[-1])
+            flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)
             delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2))
-            return output + self.scale * delta.reshape(output.shape)
+            return output + (self.scale * delta).reshape(output.shape).to(output.dtype)
 
         return hook
 
@@ -150,10 +152,9 @@ class RowLoRA:
         with the keys ``get_peft_model_state_dict`` gives ``ParametricStream``, so
         ``SessionEngine.load_adapter``, ``PeftModel.from_pretrained`` and ``rosa2 adapters show`` read
         it as they read an adapter the one-at-a-time engine saved. ``base_model`` goes into the config."""
-        from peft import LoraConfig
         from safetensors.torch import save_file
 
-        from rosa2.adapter import ADAPTER_WEIGHTS
+        from rosa2.adapter import ADAPTER_WEIGHTS, lora_config
 
         if not 0 <= slot < self.slots:
             raise ValueError(f"slot {slot} outside 0..{self.slots - 1}")
@@ -165,10 +166,7 @@ class RowLoRA:
             state[f"base_model.model.{name}.lora_A.weight"] = a[slot].detach().to("cpu", copy=True)
             state[f"base_model.model.{name}.lora_B.weight"] = b[slot].detach().to("cpu", copy=True)
         save_file(state, str(path / ADAPTER_WEIGHTS))
-        LoraConfig(
-            r=self.cfg.rank, lora_alpha=self.cfg.alpha, target_modules=list(self.cfg.target_modules),
-            lora_dropout=0.0, bias="none", base_model_name_or_path=base_model,
-        ).save_pretrained(str(path))
+        lora_config(self.cfg, base_model).save_pretrained(str(path))
         return path
 
     def remove(self) -> None:
