@@ -140,3 +140,20 @@ def test_rosa2_run_has_demo_size_defaults_that_flags_override(capsys):
     assert [(c.method, c.session.parallel_sessions, c.session.feedback) for c in cells] == [("rosa", 4, "none"), ("baseline", 4, "none")]
     # the library defaults are untouched for everything else
     assert GenerationConfig().max_new_tokens == 128
+
+
+def test_sigterm_unwinds_a_command_like_ctrl_c(tiny_dir):
+    """`kill PID` reaches the command as KeyboardInterrupt (what closes its MLflow run as KILLED)."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rosa2", "chat", "--model", str(tiny_dir), "--model-device", "cpu"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 120
+    banner = proc.stdout.readline()  # printed once the model is loaded; then chat waits on stdin
+    assert "rosa2 chat" in banner and time.monotonic() < deadline, banner
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "rosa2 chat: interrupted" in err, (proc.returncode, err[-2000:])

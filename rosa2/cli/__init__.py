@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 
 from rosa2.errors import Rosa2Error
 
@@ -51,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    previous = _terminate_as_interrupt()
     try:
         return int(args.func(args) or 0)
     except Rosa2Error as exc:
@@ -59,6 +62,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"rosa2 {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _terminate_as_interrupt() -> object | None:
+    """SIGTERM (``kill``, a scheduler stopping the job) unwinds like Ctrl-C, so what a command holds
+    is closed the same way (e.g. its MLflow run marked KILLED, not left RUNNING). Returns the
+    handler to restore; None off the main thread, where signals cannot be handled."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
 if __name__ == "__main__":
