@@ -31,7 +31,8 @@ def direct(args: argparse.Namespace) -> None:
 
     session = SessionConfig(method=args.method, max_turns=args.max_turns)
     engine = SessionEngine(
-        ModelConfig(name=args.model), session, None, SemanticConfig(), GenerationConfig(max_new_tokens=args.max_new_tokens),
+        ModelConfig(name=args.model), session, None, SemanticConfig(max_new_tokens=args.semantic_max_new_tokens),
+        GenerationConfig(max_new_tokens=args.max_new_tokens),
     )
     results = [engine.run(p) for p in load_problems(DataConfig(dataset=args.dataset, limit=args.limit))]
     print(json.dumps({"accuracy": summarize(results, args.max_turns)["accuracy"]}))
@@ -53,7 +54,8 @@ def main() -> None:
     parser.add_argument("--dataset", default="embedded-math")
     parser.add_argument("--limit", type=int, default=3)
     parser.add_argument("--max-turns", type=int, default=2)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--semantic-max-new-tokens", type=int, default=64)
     parser.add_argument("--direct", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.direct:
@@ -65,7 +67,8 @@ def main() -> None:
     # the same model directory for both sides, whatever the project home
     model = str(models.ensure_embedded()) if args.model in models.EMBEDDED_ALIASES else args.model
     common = ["--method", args.method, "--model", model, "--dataset", args.dataset, "--limit", str(args.limit),
-              "--max-turns", str(args.max_turns), "--max-new-tokens", str(args.max_new_tokens)]
+              "--max-turns", str(args.max_turns), "--max-new-tokens", str(args.max_new_tokens),
+              "--semantic-max-new-tokens", str(args.semantic_max_new_tokens)]
     with tempfile.TemporaryDirectory(prefix="rosa2-bench-") as home:
         env = {**os.environ, "ROSA2_HOME": home}
         t_direct, out_direct = timed([sys.executable, __file__, "--direct", *common], env)
@@ -76,7 +79,8 @@ def main() -> None:
     load = os.getloadavg()
     print(json.dumps({
         "cell": {"method": args.method, "model": args.model, "dataset": args.dataset, "limit": args.limit,
-                 "max_turns": args.max_turns, "max_new_tokens": args.max_new_tokens},
+                 "max_turns": args.max_turns, "max_new_tokens": args.max_new_tokens,
+                 "semantic_max_new_tokens": args.semantic_max_new_tokens},
         "direct_s": round(t_direct, 2), "platform_s": round(t_platform, 2),
         "overhead_s": round(t_platform - t_direct, 2), "ratio": round(t_platform / t_direct, 3),
         "same_accuracy": acc_direct == acc_platform, "loadavg_1m": round(load[0], 2), "cpus": os.cpu_count(),
