@@ -298,11 +298,11 @@ def percent_problem():
     return problem
 
 
-def _session(own_smol, problem, method: str, **knobs):
+def _session(own_smol, problem, method: str):
     from rosa2.environment import environment_for
 
     engine = SessionEngine(
-        own_smol, SessionConfig(method=method, max_turns=2), knobs.get("adapt"),
+        own_smol, SessionConfig(method=method, max_turns=2),
         semantic=SemanticConfig(max_new_tokens=64), generation=GenerationConfig(max_new_tokens=32),
     )
     return engine.run(problem, environment_for(problem, "sparse", allow_exact_match=True))
