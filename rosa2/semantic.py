@@ -52,16 +52,16 @@ class Refinement:
 def build_engine(policy: "Policy", cfg: SemanticConfig) -> "ChatEngine":
     """The TextGrad engine that writes critiques and updates, from ``cfg.critic``."""
     from rosa2 import models
-    from rosa2.textgrad_engine import LocalEngine, OpenAIEngine
+    from rosa2.textgrad_engine import LocalEngine, OpenAIEngine, PrefixStore
 
     sizes = {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size}
     if cfg.critic == "openai":
         assert cfg.api_base and cfg.api_model  # SemanticConfig checked it
         return OpenAIEngine(cfg.api_base, cfg.api_model, cfg.api_key_env, **sizes)
     if cfg.critic == "base":
-        return LocalEngine(policy, name=f"base:{policy.source}", **sizes)
+        return LocalEngine(policy, name=f"base:{policy.source}", prefixes=PrefixStore(), **sizes)
     loaded = models.load(ModelConfig(name=cfg.critic, device=str(policy.device)))
-    return LocalEngine(loaded, name=loaded.source, **sizes)
+    return LocalEngine(loaded, name=loaded.source, prefixes=PrefixStore(), **sizes)
 
 
 class SemanticStream:

@@ -152,13 +152,26 @@ def test_refine_many_batches_each_call_and_matches_one_by_one(tiny):
         ("Name the capital of France.", [{"role": "user", "content": "Name the capital of France."}], "Lyon", ""),
         (QUESTION, HISTORY, "I do not know.", "The answer must be a number."),
     ]
-    prefill = []  # next-token logits after each prompt, row by row
+    # next-token logits after each prompt, row by row: with 2 new tokens the last forward of a
+    # generate call is the one decode step, the one before it ends the prompt's prefill (chunked,
+    # after a cached prefix); the prefix store's own forwards run outside generate and are skipped
+    prefill, calls = [], []
+    generate = tiny.model.generate
 
     def hook(module, args, kwargs, output):
-        if kwargs["input_ids"].shape[1] > 1:
-            prefill.extend(output.logits[:, -1])
+        if calls and calls[-1] is not None:
+            calls[-1].append(output.logits[:, -1])
+
+    def generate_and_record(*args, **kwargs):
+        calls.append([])
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            prefill.extend(calls[-1][-2])
+            calls.append(None)
 
     handle = tiny.model.register_forward_hook(hook, with_kwargs=True)
+    tiny.model.generate = generate_and_record
     try:
         batched = stream_for(tiny, batch_size=2, max_new_tokens=2)
         _, sizes = recording(batched)
@@ -169,9 +182,11 @@ def test_refine_many_batches_each_call_and_matches_one_by_one(tiny):
         alone = [single.refine(*item) for item in items]
     finally:
         handle.remove()
+        del tiny.model.generate
     assert sizes == [2, 1, 2, 1]  # backward for all, then TGD step for all, two prompts at a time
     assert batched.calls == 6 and batched.fallbacks == 3
-    # left padding changes nothing the critic computes: same next-token logits as one prompt at a time
+    # padding and the shared-prefix cache change nothing the critic computes: same next-token
+    # logits as one prompt at a time
     # (batched: 3 critiques then 3 updates; one by one: critique, update, critique, update, ...)
     assert len(in_batches) == len(prefill) == 6
     for got, want in zip(in_batches, prefill[0::2] + prefill[1::2]):
@@ -180,6 +195,56 @@ def test_refine_many_batches_each_call_and_matches_one_by_one(tiny):
     assert [r.text for r in together] == [SPARSE, DEFAULT_CORRECTIVE, "The answer must be a number."]
     assert together[1].synthesised and not together[0].synthesised
     assert batched.refine_many([]) == []
+
+
+def critic_prompts(engine, items):
+    """The (system prompt, prompt) pairs of the critiques and then the updates for ``items``."""
+    from rosa2.textgrad_engine import Update
+
+    seen = []
+    complete = engine._complete
+    engine._complete = lambda keys: seen.extend(keys) or ["<IMPROVED_VARIABLE>Check.</IMPROVED_VARIABLE>"] * len(keys)
+    try:
+        updates = [Update.build(engine, *item) for item in items]
+        engine.run_batched([u.backward for u in updates])
+        engine.run_batched([u.step for u in updates])
+    finally:
+        engine._complete = complete
+    return seen
+
+
+def test_shared_prompt_prefixes_are_computed_once_and_change_no_reply(tiny):
+    from rosa2.textgrad_engine import LocalEngine, PrefixStore, common_prefix
+
+    items = [
+        (QUESTION, HISTORY, WRONG, SPARSE),
+        ("Name the capital of France.", [{"role": "user", "content": "Name the capital of France."}], "Lyon", SPARSE),
+        (QUESTION, HISTORY, "I do not know. " * 5, "The answer must be a number."),
+    ]
+    plain = LocalEngine(tiny, name="tiny", max_new_tokens=6, batch_size=3, prefixes=None, prefill_chunk=None)
+    keys = critic_prompts(plain, items)
+    want = plain.complete(keys)
+    assert len(keys) == 6 and len({system for system, _ in keys}) == 2
+
+    store = PrefixStore(chunk=64)
+    batched = LocalEngine(tiny, name="tiny", max_new_tokens=6, batch_size=3, prefixes=store, prefill_chunk=64)
+    assert batched.complete(keys) == want
+    # one entry per system prompt, holding exactly what that call's prompts share
+    for system, (ids, cache) in store._store.items():
+        rows = [batched._chat_ids(s, p) for s, p in keys if s == system]
+        assert ids == rows[0][: common_prefix(rows)] and cache.get_seq_length() == len(ids)
+    assert store.reused_tokens == 0  # nothing stored before; the prefix was computed once, at batch 1
+    assert batched.complete(keys) == want and store.reused_tokens > 0
+
+    # one prompt at a time: the first call stores its whole prompt, later calls cut it back to the
+    # part they share and start after it
+    one = PrefixStore(chunk=64)
+    single = LocalEngine(tiny, name="tiny", max_new_tokens=6, batch_size=1, prefixes=one, prefill_chunk=64)
+    critiques = keys[:3]
+    assert single.complete(critiques) == want[:3]
+    rows = [single._chat_ids(s, p) for s, p in critiques]
+    (ids, _), = one._store.values()
+    assert ids == rows[0][: common_prefix(rows)] and one.reused_tokens == 2 * len(ids)
 
 
 def test_bad_semantic_config_names_the_value(tiny, monkeypatch):
