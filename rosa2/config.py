@@ -304,7 +304,8 @@ def add_arguments(
         flag = (aliases or {}).get(f.name) or "--" + (prefix + f.name).replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         own = (defaults or {}).get(f.name)  # None: from_args keeps the dataclass default
-        help_text = f"{f.metadata.get('help', '')} (default: {own if own is not None else default!r})"
+        # argparse %-formats help strings: a literal % in a field's help must reach it as %%
+        help_text = f"{f.metadata.get('help', '')} (default: {own if own is not None else default!r})".replace("%", "%%")
         dest = (prefix + f.name).replace("-", "_")
         if f.type in ("bool", bool):
             group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=own, help=help_text)

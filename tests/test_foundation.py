@@ -157,3 +157,15 @@ def test_sigterm_unwinds_a_command_like_ctrl_c(tiny_dir):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "rosa2 chat: interrupted" in err, (proc.returncode, err[-2000:])
+
+
+@pytest.mark.parametrize("command", sorted(__import__("rosa2.cli", fromlist=["COMMANDS"]).COMMANDS))
+def test_every_command_prints_its_help(command, capsys):
+    """`rosa2 COMMAND --help` renders (argparse %-formats help text: a stray % used to crash bench's)."""
+    from rosa2.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: rosa2 {command}")
