@@ -48,12 +48,10 @@ Key = tuple[str, str]  # (system prompt, prompt)
 
 TGD_TAGS = ("<IMPROVED_VARIABLE>", "</IMPROVED_VARIABLE>")
 
-# Role descriptions matter to TextGrad ("being specific often helps quite a bit").
-MESSAGE_ROLE = (
-    "the user's next message to the AI assistant, sent right after the user rejected the assistant's "
-    "answer; the assistant reads it before its next attempt at the same problem, so it should lead "
-    "the assistant to find and fix its mistake"
-)
+# Role descriptions matter to TextGrad ("being specific often helps quite a bit"), but its
+# templates repeat the variable's role 4-5 times per prompt, after the shared prefix: every token
+# here costs 4-5 prefill tokens per critic call (a 46-token role made ~20% of a critique prompt).
+MESSAGE_ROLE = "the user's next message after the assistant's rejected answer, meant to lead it to find and fix its mistake"
 EMPTY_MESSAGE_ROLE = MESSAGE_ROLE + " (the user wrote nothing yet: the whole message has to be written)"
 VERDICT_PURPOSE = (
     "the user checks whether the assistant's answer solves the problem; the assistant will then read "
