@@ -3,6 +3,10 @@
 Every stream talks to the model through this class: the session loop generates with it, the
 parametric stream scores responses with ``encode`` and the semantic stream's local engine reuses
 the same weights with the adapter switched off.
+
+``generate`` keeps the KV cache it ends with (``rosa2.kvcache.TurnCache``): the next prompt of the
+same conversation starts with that prompt and answer, so while the weights are unchanged only the
+new user message is prefilled. A parametric step changes the weights and the cache is dropped.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rosa2.config import GenerationConfig
+from rosa2.kvcache import TurnCache
 from rosa2.models import LoadedModel
 
 Message = dict[str, str]
@@ -36,6 +41,7 @@ class Policy:
         self.device = loaded.device
         self.source = loaded.source
         self.generation = generation or GenerationConfig()
+        self.turn_cache = TurnCache()
 
     def prompt_ids(self, messages: list[Message]) -> Any:
         """Token ids of the history with the generation prompt appended (1-D, on device)."""
@@ -64,10 +70,13 @@ class Policy:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         start = time.perf_counter()
         with torch.no_grad():
+            _, cache = self.turn_cache.take(self.model, prompt.tolist())
             out = self.model.generate(
-                input_ids=prompt[None], attention_mask=torch.ones_like(prompt)[None], **kwargs
+                input_ids=prompt[None], attention_mask=torch.ones_like(prompt)[None], cache=cache,
+                return_dict_in_generate=True, **kwargs,
             )
-        response = out[0, prompt.numel():]
+        self.turn_cache.keep(self.model, out.sequences[0].tolist(), out.cache)
+        response = out.sequences[0, prompt.numel():]
         eos = self.tokenizer.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.pad_token_id}
         keep = len(response)

@@ -52,7 +52,8 @@ class Refinement:
 def build_engine(policy: "Policy", cfg: SemanticConfig) -> "ChatEngine":
     """The TextGrad engine that writes critiques and updates, from ``cfg.critic``."""
     from rosa2 import models
-    from rosa2.textgrad_engine import LocalEngine, OpenAIEngine, PrefixStore
+    from rosa2.kvcache import PrefixStore
+    from rosa2.textgrad_engine import LocalEngine, OpenAIEngine
 
     sizes = {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size}
     if cfg.critic == "openai":

@@ -212,6 +212,7 @@ class SessionEngine:
             if done:
                 break
             history = [*history, {"role": "assistant", "content": reply.text}, {"role": "user", "content": refined}]
+        self.policy.turn_cache.clear()  # this conversation's KV; the next problem starts its own
         return self._result(problem, turns, time.perf_counter() - start, scored=result.scored)
 
     def _refine(self, problem: Problem, history: list[Message], response: str, message: str) -> "Refinement":

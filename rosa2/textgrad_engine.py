@@ -19,17 +19,16 @@ before generating), one batched generation answers them all, a replay pass serve
 
 Shared prefixes: about half of every critic prompt is text that does not depend on the session
 (TextGrad's ~270-390-token system prompts and its templates up to the problem statement).
-``PrefixStore`` keeps the KV cache of that prefix, computed once at batch 1, and every later call
-starts its prefill after it: the same tokens at the same positions, so the same attention.
+``rosa2.kvcache.PrefixStore`` keeps the KV cache of that prefix, computed once at batch 1, and
+every later call starts its prefill after it: the same tokens at the same positions, so the same
+attention.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import os
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -38,6 +37,7 @@ from textgrad.autograd import StringBasedFunction
 from textgrad.engine import EngineLM
 
 from rosa2.errors import Rosa2Error
+from rosa2.kvcache import PrefixStore
 
 # TextGrad logs every prompt at INFO to its own file (TEXTGRAD_LOG_DIR, under the project home);
 # propagated to the root logger those lines flooded the console of `rosa2 run` through Prefect.
@@ -144,77 +144,6 @@ def adapter_disabled(model: Any) -> Iterator[None]:
             yield
     else:
         yield
-
-
-def common_prefix(rows: list[list[int]]) -> int:
-    """Length of the longest token prefix every row starts with."""
-    first, n = rows[0], min(map(len, rows))
-    for row in rows[1:]:
-        n = next((i for i in range(n) if row[i] != first[i]), n)
-    return n
-
-
-class PrefixStore:
-    """KV caches of the prompt prefixes a local critic reads again and again, keyed by system prompt.
-
-    For a batch of prompts ``prefill`` returns (P, cache): the cache (batch 1) of the first P tokens
-    every prompt shares, reusing the stored prefix of the same system prompt for as far as it
-    matches and computing only the rest (``chunk`` tokens per forward). A stored prefix shrinks to
-    what later prompts actually share (TextGrad's system prompt and template text, up to the first
-    session-specific token), so a one-at-a-time run learns it from its second call. At most
-    ``entries`` prefixes are kept (LRU); each costs its KV (~46 KB per token on SmolLM2-135M).
-    Valid because the critic is the frozen base model; a new model object clears the store."""
-
-    def __init__(self, entries: int = 4, min_tokens: int = 32, chunk: int = 256) -> None:
-        self.entries, self.min_tokens, self.chunk = entries, min_tokens, chunk
-        self._store: OrderedDict[str, tuple[list[int], Any]] = OrderedDict()
-        self._model_id: int | None = None
-        self.reused_tokens = 0  # prefix tokens served from the store, summed over calls (for reports)
-
-    def prefill(self, model: Any, system: str, rows: list[list[int]]) -> tuple[int, Any]:
-        """(P, batch-1 cache of rows[0][:P]) with P the rows' shared prefix, each row keeping at
-        least one token to prefill; (0, None) when they share too little to bother."""
-        if id(model) != self._model_id:
-            self._store.clear()
-            self._model_id = id(model)
-        shared = min(common_prefix(rows), min(map(len, rows)) - 1)
-        if shared < self.min_tokens:
-            return 0, None
-        ids = rows[0][:shared]
-        reuse, cache = 0, None
-        if system in self._store:
-            stored, stored_cache = self._store.pop(system)
-            reuse = common_prefix([stored, ids])
-            if reuse >= self.min_tokens and all(_croppable(layer) for layer in stored_cache.layers):
-                if reuse < len(stored):
-                    stored_cache.crop(reuse - len(stored))
-                    stored = stored[:reuse]
-                self._store[system] = (stored, stored_cache)
-                cache = copy.deepcopy(stored_cache)
-            else:
-                reuse = 0
-        self.reused_tokens += reuse * len(rows)
-        cache = self._extend(model, cache, ids, reuse)
-        if system not in self._store:
-            if not all(_croppable(layer) for layer in cache.layers):
-                return 0, None  # a cache this store cannot cut back (sliding window, linear attention)
-            self._store[system] = (ids, copy.deepcopy(cache))
-            while len(self._store) > self.entries:
-                self._store.popitem(last=False)
-        return shared, cache
-
-    def _extend(self, model: Any, cache: Any, ids: list[int], start: int) -> Any:
-        import torch
-
-        device = next(model.parameters()).device
-        for begin in range(start, len(ids), self.chunk):
-            chunk = torch.tensor([ids[begin : begin + self.chunk]], device=device)
-            cache = model(input_ids=chunk, cache=cache, use_cache=True, logits_to_keep=1).cache
-        return cache
-
-
-def _croppable(layer: Any) -> bool:
-    return bool(getattr(layer, "is_croppable", False)) and not getattr(layer, "is_sliding", False)
 
 
 class LocalEngine(ChatEngine):

@@ -214,7 +214,8 @@ def critic_prompts(engine, items):
 
 
 def test_shared_prompt_prefixes_are_computed_once_and_change_no_reply(tiny):
-    from rosa2.textgrad_engine import LocalEngine, PrefixStore, common_prefix
+    from rosa2.kvcache import PrefixStore, common_prefix
+    from rosa2.textgrad_engine import LocalEngine
 
     items = [
         (QUESTION, HISTORY, WRONG, SPARSE),

@@ -1,0 +1,139 @@
+"""KV caches kept between generations: what a later prompt shares with an earlier one is not
+prefilled again.
+
+Two users, one rule (reuse only the exact token prefix, at the same positions, computed by the
+same weights, so the attention over it is the same arithmetic):
+
+- ``PrefixStore``: the semantic stream's local critic reads TextGrad prompts whose first half
+  (system prompt + template text up to the problem) is the same in every call.
+- ``TurnCache``: a session's prompt at turn t+1 is its prompt at turn t, the answer y_t and the
+  next user message. While the policy's weights are unchanged (baseline, textgrad, the words-only
+  turns of a Switch run) the KV of turn t serves turn t+1; a parametric step, reset or load
+  changes a LoRA tensor's version counter and the cache is dropped.
+
+Caches must be croppable (transformers' ``DynamicLayer``); models with sliding-window or linear
+attention layers simply get no reuse.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from typing import Any
+
+
+def common_prefix(rows: list[list[int]]) -> int:
+    """Length of the longest token prefix every row starts with."""
+    first, n = rows[0], min(map(len, rows))
+    for row in rows[1:]:
+        n = next((i for i in range(n) if row[i] != first[i]), n)
+    return n
+
+
+def croppable(cache: Any) -> bool:
+    return all(
+        bool(getattr(layer, "is_croppable", False)) and not getattr(layer, "is_sliding", False) for layer in cache.layers
+    )
+
+
+def prefill(model: Any, cache: Any, ids: list[int], start: int, chunk: int) -> Any:
+    """Extend ``cache`` (None: a new one) with ``ids[start:]`` at batch 1, ``chunk`` tokens per forward."""
+    import torch
+
+    device = next(model.parameters()).device
+    for begin in range(start, len(ids), chunk):
+        piece = torch.tensor([ids[begin : begin + chunk]], device=device)
+        cache = model(input_ids=piece, cache=cache, use_cache=True, logits_to_keep=1).cache
+    return cache
+
+
+class PrefixStore:
+    """KV caches of the prompt prefixes a local critic reads again and again, keyed by system prompt.
+
+    For a batch of prompts ``prefill`` returns (P, cache): the cache (batch 1) of the first P tokens
+    every prompt shares, reusing the stored prefix of the same system prompt for as far as it
+    matches and computing only the rest (``chunk`` tokens per forward). A stored prefix shrinks to
+    what later prompts actually share (TextGrad's system prompt and template text, up to the first
+    session-specific token), so a one-at-a-time run learns it from its second call. At most
+    ``entries`` prefixes are kept (LRU); each costs its KV (~46 KB per token on SmolLM2-135M).
+    Valid because the critic is the frozen base model; a new model object clears the store."""
+
+    def __init__(self, entries: int = 4, min_tokens: int = 32, chunk: int = 256) -> None:
+        self.entries, self.min_tokens, self.chunk = entries, min_tokens, chunk
+        self._store: OrderedDict[str, tuple[list[int], Any]] = OrderedDict()
+        self._model_id: int | None = None
+        self.reused_tokens = 0  # prefix tokens served from the store, summed over rows and calls
+
+    def prefill(self, model: Any, system: str, rows: list[list[int]]) -> tuple[int, Any]:
+        """(P, batch-1 cache of rows[0][:P]) with P the rows' shared prefix, each row keeping at
+        least one token to prefill; (0, None) when they share too little to bother."""
+        if id(model) != self._model_id:
+            self._store.clear()
+            self._model_id = id(model)
+        shared = min(common_prefix(rows), min(map(len, rows)) - 1)
+        if shared < self.min_tokens:
+            return 0, None
+        ids = rows[0][:shared]
+        reuse, cache = 0, None
+        if system in self._store:
+            stored, stored_cache = self._store.pop(system)
+            reuse = common_prefix([stored, ids])
+            if reuse >= self.min_tokens:
+                if reuse < len(stored):
+                    stored_cache.crop(reuse - len(stored))
+                    stored = stored[:reuse]
+                self._store[system] = (stored, stored_cache)
+                cache = copy.deepcopy(stored_cache)
+            else:
+                reuse = 0
+        self.reused_tokens += reuse * len(rows)
+        cache = prefill(model, cache, ids, reuse, self.chunk)
+        if system not in self._store:
+            if not croppable(cache):
+                return 0, None  # a cache this store cannot cut back (sliding window, linear attention)
+            self._store[system] = (ids, copy.deepcopy(cache))
+            while len(self._store) > self.entries:
+                self._store.popitem(last=False)
+        return shared, cache
+
+
+def weights_key(model: Any) -> tuple[Any, ...]:
+    """What the KV of a prompt depends on besides its tokens: the model object, its active adapter
+    and the in-place version counter of every LoRA tensor (bumped by each step, reset, load)."""
+    lora = tuple(p._version for name, p in model.named_parameters() if "lora_" in name)
+    return (id(model), str(getattr(model, "active_adapter", "")), lora)
+
+
+class TurnCache:
+    """The KV cache of one session's last generation (prompt + answer), offered to its next prompt.
+
+    ``take`` hands the cache over (cropped to the part the new prompt shares, at least
+    ``min_tokens``, leaving the prompt's last token to prefill) when the weights are those that
+    built it; ``keep`` stores the cache a generation ended with. One cache at a time: the KV of
+    one conversation (~46 KB per token on SmolLM2-135M); ``clear`` frees it."""
+
+    def __init__(self, min_tokens: int = 16) -> None:
+        self.min_tokens = min_tokens
+        self._ids: list[int] = []
+        self._cache: Any = None
+        self._key: tuple[Any, ...] | None = None
+        self.reused_tokens = 0  # prompt tokens served from a previous turn, summed over generations
+
+    def take(self, model: Any, ids: list[int]) -> tuple[int, Any]:
+        cache, stored, key = self._cache, self._ids, self._key
+        self.clear()
+        if cache is None or key != weights_key(model) or not croppable(cache):
+            return 0, None
+        n = min(common_prefix([stored, ids]), len(ids) - 1, cache.get_seq_length())
+        if n < self.min_tokens:
+            return 0, None
+        if n < cache.get_seq_length():
+            cache.crop(n - cache.get_seq_length())
+        self.reused_tokens += n
+        return n, cache
+
+    def keep(self, model: Any, ids: list[int], cache: Any) -> None:
+        self._ids, self._cache, self._key = ids, cache, weights_key(model)
+
+    def clear(self) -> None:
+        self._ids, self._cache, self._key = [], None, None
