@@ -47,6 +47,20 @@ def prefill(model: Any, cache: Any, ids: list[int], start: int, chunk: int) -> A
     return cache
 
 
+def preallocated_cache(model: Any, batch: int, length: int, prefix: Any = None) -> Any:
+    """A KV cache for ``batch`` rows of up to ``length`` tokens, allocated once (transformers'
+    ``StaticCache``), holding ``prefix`` (a batch-1 cache) in every row. The default cache grows by
+    concatenation, copying all of itself at every decoded token: on 8 critic prompts of ~1k tokens
+    that was ~10% of the critic's time and fragmented the heap it leaves behind."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=length)
+    if prefix is not None:
+        for layer, source in zip(cache.layers, prefix.layers):
+            layer.update(source.keys.expand(batch, -1, -1, -1), source.values.expand(batch, -1, -1, -1))
+    return cache
+
+
 class PrefixStore:
     """KV caches of the prompt prefixes a local critic reads again and again, keyed by system prompt.
 

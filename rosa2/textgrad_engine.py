@@ -37,7 +37,7 @@ from textgrad.autograd import StringBasedFunction
 from textgrad.engine import EngineLM
 
 from rosa2.errors import Rosa2Error
-from rosa2.kvcache import PrefixStore
+from rosa2.kvcache import PrefixStore, preallocated_cache
 
 # TextGrad logs every prompt at INFO to its own file (TEXTGRAD_LOG_DIR, under the project home);
 # propagated to the root logger those lines flooded the console of `rosa2 run` through Prefect.
@@ -192,12 +192,11 @@ class LocalEngine(ChatEngine):
         pad = self.tokenizer.pad_token_id
         device, model = self.holder.device, self.holder.model
         with torch.no_grad(), adapter_disabled(model):
-            shared, cache = (0, None) if self.prefixes is None else self.prefixes.prefill(model, keys[0][0], rows)
-            if cache is not None:
-                cache.batch_repeat_interleave(len(rows))
+            shared, prefix = (0, None) if self.prefixes is None else self.prefixes.prefill(model, keys[0][0], rows)
             # the cached prefix, then padding, then each row's own tokens: every row's own part ends
             # at the same column and its positions count only real tokens (mask cumsum)
             width = shared + max(len(r) - shared for r in rows)
+            cache = preallocated_cache(model, len(rows), width + self.max_new_tokens, prefix)
             input_ids = torch.tensor([r[:shared] + [pad] * (width - len(r)) + r[shared:] for r in rows], device=device)
             mask = torch.tensor([[1] * shared + [0] * (width - len(r)) + [1] * (len(r) - shared) for r in rows], device=device)
             out = model.generate(
