@@ -185,6 +185,18 @@ def update_memory(model: Any, cfg: AdaptConfig) -> Iterator[None]:
 # The adapter
 
 
+def fresh_lora_a(shapes: list[Any], seed: int) -> Iterator[Any]:
+    """PEFT's init of the A matrices (Kaiming-uniform, a=√5, float32), drawn in module order from one
+    generator seeded with ``seed``: both engines start a problem's adapter from these draws."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    for shape in shapes:
+        fresh = torch.empty(tuple(shape), dtype=torch.float32)
+        torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
+        yield fresh
+
+
 def _adapter_name(cfg: AdaptConfig) -> str:
     """One PEFT adapter per LoRA structure, so engines that differ only in update knobs share it."""
     return f"r{cfg.rank}-a{cfg.alpha:g}-" + "+".join(cfg.target_modules).replace(".", "_")
@@ -247,11 +259,8 @@ class ParametricStream:
         problem's adapter independent of which problems ran before it."""
         import torch
 
-        generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            for a, b in self.pairs:
-                fresh = torch.empty(a.shape, dtype=torch.float32)
-                torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
+            for (a, b), fresh in zip(self.pairs, fresh_lora_a([a.shape for a, _ in self.pairs], seed)):
                 a.copy_(fresh)
                 b.zero_()
 

@@ -19,7 +19,6 @@ session owns its own parametric-stream adapter θ_b:
 
 from __future__ import annotations
 
-import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch  # this module is only imported once a batched run starts
 
+from rosa2.adapter import fresh_lora_a
 from rosa2.config import AdaptConfig, ConfigError, GenerationConfig, ModelConfig, SandboxConfig, SemanticConfig, SessionConfig
 from rosa2.environment import Environment, environment_for
 from rosa2.errors import Rosa2Error
@@ -109,12 +109,9 @@ class RowLoRA:
     # -- the parameters θ_slot --------------------------------------------------------------
     def reset(self, slot: int, seed: int) -> None:
         """θ_slot ← 0 for a new problem: A re-drawn from ``seed`` (PEFT's init), B zeroed."""
-        # the draw order and init are ParametricStream.reset's, so a slot starts where the
-        # one-at-a-time engine's adapter starts for the same problem seed
-        generator = torch.Generator().manual_seed(seed)
-        for a, b in zip(self.A, self.B):
-            fresh = torch.empty(a.shape[1:], dtype=torch.float32)
-            torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
+        # the draws are ParametricStream.reset's, so a slot starts where the one-at-a-time
+        # engine's adapter starts for the same problem seed
+        for a, b, fresh in zip(self.A, self.B, fresh_lora_a([a.shape[1:] for a in self.A], seed)):
             a[slot].copy_(fresh)
             b[slot].zero_()
 
