@@ -33,7 +33,7 @@ from rosa2.environment import Environment, environment_for
 from rosa2.errors import Rosa2Error
 from rosa2.models import LoadedModel
 from rosa2.records import Problem, ProblemResult, TurnRecord
-from rosa2.session import OnTurn, SessionEngine, _Clock, peak_memory_bytes, problem_seed, reset_peak_memory, uses_streams
+from rosa2.session import OnTurn, SessionEngine, _Clock, problem_seed, uses_streams
 
 
 def _find_targets(model: Any, target_modules: Sequence[str]) -> list[tuple[str, Any]]:
@@ -535,14 +535,14 @@ class BatchedSessionEngine(SessionEngine):
 
     def _round(self, live: list[_Live], lora: RowLoRA | None, on_turn: Any) -> list[_Live]:
         """One turn of every live session; returns the sessions that finished."""
-        reset_peak_memory(self.policy.device)
-        clocks = [_Clock() for _ in live]
+        batch = _Clock(self.policy.device)  # the batch-wide phases: generation, critic, update
+        clocks = [_Clock(self.policy.device) for _ in live]
         start = time.perf_counter()
         prompts = [self.policy.prompt_ids(s.history) for s in live]
         if self.generation.do_sample:  # one RNG for the batch: sampled text is not the single engine's
             torch.manual_seed(live[0].seed + len(live[0].turns) + 1)
-        replies = generate_batch(
-            self.policy.model, self.policy.tokenizer, prompts, self.generation,
+        replies = batch.time(
+            "generate", generate_batch, self.policy.model, self.policy.tokenizer, prompts, self.generation,
             lora=lora, slots=[s.slot for s in live],
         )
         share = (time.perf_counter() - start) / len(live)
@@ -558,7 +558,7 @@ class BatchedSessionEngine(SessionEngine):
         refinements: dict[int, Any] = {}
         if words:
             items = [(live[k].problem.prompt, live[k].history, replies[k].text, steps[k][2]) for k in words]
-            for k, refinement in zip(words, self.semantic().refine_many(items)):
+            for k, refinement in zip(words, batch.time("semantic", self.semantic().refine_many, items)):
                 refinements[k] = refinement
                 clocks[k].seconds["semantic"] = refinement.seconds
         refined = [refinements[k].text if k in refinements else step[2] for k, step in enumerate(steps)]
@@ -570,12 +570,16 @@ class BatchedSessionEngine(SessionEngine):
                 UpdateItem(live[k].slot, self._update_context(live[k].history, replies[k], refined[k]), replies[k].response_ids, steps[k][1])
                 for k in updates
             ]
-            for k, step in zip(updates, batched_parametric_step(self.policy.model, lora, self.adapt, items, max_tokens=self.update_tokens)):
+            steps_taken = batch.time(
+                "parametric", batched_parametric_step, self.policy.model, lora, self.adapt, items, max_tokens=self.update_tokens
+            )
+            for k, step in zip(updates, steps_taken):
                 parametric[k] = step
                 clocks[k].seconds["parametric"] = step.seconds
         finished = []
         for k, (s, reply, clock) in enumerate(zip(live, replies, clocks)):
             t, reward, feedback, result, done, _ = steps[k]
+            clock.absorb(batch)
             record = self._record(t, s.history, reply, result, reward, feedback, refined[k], refinements.get(k), parametric.get(k), clock)
             s.turns.append(record)
             if on_turn is not None:

@@ -226,6 +226,15 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a is not None and b else None
 
 
+def _phase_peaks(results: list[Any]) -> dict[str, float]:
+    peaks: dict[str, float] = {}
+    for result in results:
+        for turn in result.turns:
+            for phase, mb in turn.detail.get("peak_memory_mb", {}).items():
+                peaks[phase] = max(peaks.get(phase, 0.0), mb)
+    return peaks
+
+
 def summarize_arms(cfg: BenchConfig, arms: dict[str, ArmResult]) -> dict[str, Any]:
     """The bench JSON: ratios first, the absolute figures they come from beside them."""
     from rosa2.metrics import accuracy_at
@@ -243,6 +252,8 @@ def summarize_arms(cfg: BenchConfig, arms: dict[str, ArmResult]) -> dict[str, An
         "turns": {k: sum(r.turns_used for r in rs) for k, rs in results.items()},
         "peak_memory_bytes": {k: a.peak_memory_bytes for k, a in arms.items()},
         "adapter_bytes": {k: a.adapter_bytes for k, a in arms.items()},
+        # which stream needs the memory: the largest peak of each phase over the arm's turns
+        "peak_memory_mb_by_phase": {k: _phase_peaks(rs) for k, rs in results.items()},
     }
     out: dict[str, Any] = {"device": device_name(cfg.device)}
     if "sequential" in results and "batched" in results:

@@ -197,8 +197,7 @@ class SessionEngine:
         turns: list[TurnRecord] = []
         start = time.perf_counter()
         for t in range(1, session.max_turns + 1):
-            reset_peak_memory(self.policy.device)
-            clock = _Clock()
+            clock = _Clock(self.policy.device)
             reply = clock.time("generate", self.policy.generate, history, seed=seed + t)
             reward, feedback, result = clock.time("reward", env.step, reply.text, t)
             done = reward > 0 or t == session.max_turns or not result.scored  # unscorable: stop
@@ -233,6 +232,7 @@ class SessionEngine:
 
     def _record(self, t, history, reply, result, reward, feedback, refined, refinement, step, clock) -> TurnRecord:  # type: ignore[no-untyped-def]
         detail = as_dict(result)
+        detail["peak_memory_mb"] = clock.peaks_mb()
         if refinement is not None:
             detail.update(critique=refinement.critique, synthesised=refinement.synthesised)
         if step is not None:
@@ -254,7 +254,7 @@ class SessionEngine:
             seconds_parametric=clock.seconds["parametric"],
             seconds_semantic=clock.seconds["semantic"],
             seconds_reward=clock.seconds["reward"],
-            peak_memory_bytes=peak_memory_bytes(self.policy.device),
+            peak_memory_bytes=clock.peak,
             prediction=result.prediction,
             detail=detail,
         )
@@ -291,14 +291,38 @@ class SessionEngine:
 
 
 class _Clock:
-    """Seconds per phase of one turn; a phase that did not run counts 0."""
+    """Seconds and peak memory per phase of one turn; a phase that did not run counts 0.
 
-    def __init__(self) -> None:
+    Each timed phase starts from a reset peak (CUDA: peak allocated; CPU: VmHWM = current RSS), so
+    ``peaks`` says which stream needs the memory; ``peak`` is the turn's, the largest of them."""
+
+    def __init__(self, device: Any) -> None:
+        self.device = device
         self.seconds = {"generate": 0.0, "reward": 0.0, "semantic": 0.0, "parametric": 0.0}
+        self.peaks: dict[str, int] = {}
+        reset_peak_memory(device)
 
     def time(self, phase: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        self.peaks["between"] = max(self.peaks.get("between", 0), peak_memory_bytes(self.device))
+        reset_peak_memory(self.device)
         start = time.perf_counter()
         try:
             return fn(*args, **kwargs)
         finally:
             self.seconds[phase] += time.perf_counter() - start
+            self.peaks[phase] = max(self.peaks.get(phase, 0), peak_memory_bytes(self.device))
+            reset_peak_memory(self.device)
+
+    def absorb(self, other: "_Clock") -> None:
+        """Take ``other``'s phase peaks (a batched round's generation, critic and update) as this
+        turn's too."""
+        for phase, b in other.peaks.items():
+            self.peaks[phase] = max(self.peaks.get(phase, 0), b)
+
+    @property
+    def peak(self) -> int:
+        return max([peak_memory_bytes(self.device), *self.peaks.values()])
+
+    def peaks_mb(self) -> dict[str, float]:
+        """Peak per phase that ran, in MiB (for a turn record's detail)."""
+        return {phase: round(b / 2**20, 1) for phase, b in self.peaks.items() if phase != "between"}

@@ -231,3 +231,9 @@ def test_bench_cli_on_the_tiny_model(tmp_path):
     assert report["device"].startswith(("cpu", "cuda"))
     assert report["absolute"]["turns_equal_to_sequential"] == "4/4"
     assert report["absolute"]["peak_memory_bytes"]["baseline"] > 0
+    # which stream needs the memory, per arm; the arm's peak is the largest of its phases' peaks
+    phases = report["absolute"]["peak_memory_mb_by_phase"]
+    assert set(phases["baseline"]) == {"generate", "reward"}
+    assert set(phases["batched"]) == set(phases["sequential"]) == {"generate", "reward", "semantic", "parametric"}
+    for arm, peaks in phases.items():
+        assert 0 < max(peaks.values()) <= report["absolute"]["peak_memory_bytes"][arm] / 2**20 + 0.1

@@ -69,6 +69,11 @@ def test_whole_rosa2_loop_on_the_tiny_model(tiny):
         assert isinstance(r.semantic_fallback, bool) and r.delta_x_sq >= 0
     assert "critique" in first.detail and first.detail["segments"] == 1
     assert result.peak_memory_bytes == max(r.peak_memory_bytes for r in result.turns)
+    # each phase's own peak; the turn's peak is at least the largest of them
+    assert set(first.detail["peak_memory_mb"]) == {"generate", "reward", "semantic", "parametric"}
+    assert set(last.detail["peak_memory_mb"]) == {"generate", "reward"}
+    for r in result.turns:
+        assert 1 < max(r.detail["peak_memory_mb"].values()) <= r.peak_memory_bytes / 2**20 + 0.1
     json.dumps(result.to_dict())  # JSON-able for the platform's JSONL artifacts
 
 
