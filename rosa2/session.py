@@ -294,16 +294,18 @@ class _Clock:
     """Seconds and peak memory per phase of one turn; a phase that did not run counts 0.
 
     Each timed phase starts from a reset peak (CUDA: peak allocated; CPU: VmHWM = current RSS), so
-    ``peaks`` says which stream needs the memory; ``peak`` is the turn's, the largest of them."""
+    ``peaks`` says which stream needs the memory; ``peak`` is the turn's, the largest of them and
+    of what was reached between phases (``outside``)."""
 
     def __init__(self, device: Any) -> None:
         self.device = device
         self.seconds = {"generate": 0.0, "reward": 0.0, "semantic": 0.0, "parametric": 0.0}
         self.peaks: dict[str, int] = {}
+        self.outside = 0
         reset_peak_memory(device)
 
     def time(self, phase: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        self.peaks["between"] = max(self.peaks.get("between", 0), peak_memory_bytes(self.device))
+        self.outside = max(self.outside, peak_memory_bytes(self.device))
         reset_peak_memory(self.device)
         start = time.perf_counter()
         try:
@@ -314,15 +316,15 @@ class _Clock:
             reset_peak_memory(self.device)
 
     def absorb(self, other: "_Clock") -> None:
-        """Take ``other``'s phase peaks (a batched round's generation, critic and update) as this
-        turn's too."""
+        """Take ``other``'s peaks (a batched round's generation, critic and update) as this turn's too."""
         for phase, b in other.peaks.items():
             self.peaks[phase] = max(self.peaks.get(phase, 0), b)
+        self.outside = max(self.outside, other.outside)
 
     @property
     def peak(self) -> int:
-        return max([peak_memory_bytes(self.device), *self.peaks.values()])
+        return max([peak_memory_bytes(self.device), self.outside, *self.peaks.values()])
 
     def peaks_mb(self) -> dict[str, float]:
         """Peak per phase that ran, in MiB (for a turn record's detail)."""
-        return {phase: round(b / 2**20, 1) for phase, b in self.peaks.items() if phase != "between"}
+        return {phase: round(b / 2**20, 1) for phase, b in self.peaks.items()}
