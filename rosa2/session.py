@@ -202,6 +202,8 @@ class SessionEngine:
             reward, feedback, result = clock.time("reward", env.step, reply.text, t)
             done = reward > 0 or t == session.max_turns or not result.scored  # unscorable: stop
             words, weights = (False, False) if done else session.streams_at(t)
+            if weights:  # θ moves after this turn, so its KV cannot serve the next: free it before the streams
+                self.policy.turn_cache.clear()
             refinement = clock.time("semantic", self._refine, problem, history, reply.text, feedback) if words else None
             refined = refinement.text if refinement else feedback
             step = clock.time("parametric", self._update, history, reply, refined, reward) if weights else None

@@ -61,9 +61,14 @@ def test_a_weight_change_drops_the_cache(tiny):
 def test_sessions_reuse_the_cache_only_when_no_step_was_taken(tiny, method, reused):
     engine = SessionEngine(tiny, SessionConfig(method=method, max_turns=3), generation=GenerationConfig(max_new_tokens=6))
     problem = Problem(id="p", prompt=QUESTION[0]["content"], domain="math", answer="5")
+    held = []  # whether the turn's KV was still held when each stream ran
+    refine, update = engine._refine, engine._update
+    engine._refine = lambda *a: held.append(engine.policy.turn_cache._cache is not None) or refine(*a)
+    engine._update = lambda *a: held.append(engine.policy.turn_cache._cache is not None) or update(*a)
     result = engine.run(problem)
     assert result.turns_used == 3 and not result.solved
     assert (engine.policy.turn_cache.reused_tokens > 0) == reused
+    assert held == ([] if method == "baseline" else [False, False])  # a moving θ frees it before the update
     assert engine.policy.turn_cache._cache is None  # the conversation's KV is freed when it ends
 
 
