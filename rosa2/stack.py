@@ -16,6 +16,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -50,8 +51,9 @@ class StackConfig:
 
     database_url: str | None = _help(
         "PostgreSQL for both servers: 'team' (the local cluster of rosa2.team, started on demand) or "
-        "postgresql://user:pass@host:port holding databases 'mlflow' and 'prefect'; default: SQLite under the home",
-        default=None,
+        "postgresql://user:pass@host:port holding databases 'mlflow' and 'prefect' (better given as "
+        "ROSA2_DATABASE_URL in the environment: a command line is readable by every user); default: SQLite under the home",
+        default_factory=lambda: os.environ.get("ROSA2_DATABASE_URL") or None,
     )
     team: bool = _help(
         "Team mode: MLflow basic auth (MLFLOW_TRACKING_USERNAME/PASSWORD) and Prefect's API auth string "
@@ -63,7 +65,7 @@ class StackConfig:
     def __post_init__(self) -> None:
         if self.database_url not in (None, "team") and urlparse(self.database_url).scheme not in ("postgresql", "postgres"):
             raise ConfigError(
-                f"database_url={self.database_url!r} is not allowed; expected 'team' or postgresql://user:pass@host:port "
+                f"database_url={redact(self.database_url)!r} is not allowed; expected 'team' or postgresql://user:pass@host:port "
                 "(leave it unset for SQLite under the project home)"
             )
         if self.start_timeout_s <= 0:
@@ -222,9 +224,7 @@ def _team_env(cfg: StackConfig, name: str, home: Path) -> dict[str, str]:
     db = f"sqlite:///{home / 'mlflow' / 'auth.db'}"  # its own alembic history: never share the tracking DB
     rendered = template.format(admin_username=user, admin_password=password, database_uri=db)
     path = home / "mlflow" / "basic_auth.ini"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(rendered)
-    path.chmod(0o600)
+    write_private(path, rendered)
     return {"MLFLOW_AUTH_CONFIG_PATH": str(path), "MLFLOW_FLASK_SERVER_SECRET_KEY": _secret(home / "mlflow" / "flask_secret")}
 
 
@@ -235,10 +235,33 @@ def _secret(path: Path) -> str:
     if not path.is_file():
         import secrets
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_hex(32))
-        path.chmod(0o600)
+        write_private(path, secrets.token_hex(32))
     return path.read_text().strip()
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (mode 600 from the first byte, not chmod after the fact)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        os.fchmod(fh.fileno(), 0o600)  # an older file made with a wider mode is narrowed too
+        fh.write(text)
+
+
+def _open_private_log(path: Path) -> int:
+    """A server log, appended to, mode 600: a server may print what it was started with."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)
+    return fd
+
+
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")
+
+
+def redact(text: str) -> str:
+    """``scheme://user:PASSWORD@host`` -> ``scheme://user:***@host`` (for anything we print or log)."""
+    return _URL_PASSWORD.sub(r"\1***@", text)
 
 
 def command(name: str, service: Service, cfg: StackConfig) -> tuple[list[str], dict[str, str]]:
@@ -251,13 +274,15 @@ def command(name: str, service: Service, cfg: StackConfig) -> tuple[list[str], d
         (root / "mlflow" / "artifacts").mkdir(parents=True, exist_ok=True)
         argv = [
             str(bindir / "mlflow"), "server",
-            "--backend-store-uri", store,
             "--artifacts-destination", str(root / "mlflow" / "artifacts"),
             "--host", service.host, "--port", str(service.port),
             "--workers", "1",  # one worker: SQLite writers must not race
         ]
         if cfg.team:
             argv += ["--app-name", "basic-auth"]
+        # the store URL holds the database password in team mode: the environment (readable by this
+        # user only, /proc/PID/environ), never argv (world-readable /proc/PID/cmdline, ps, the PID file)
+        extra["MLFLOW_BACKEND_STORE_URI"] = store
         # start-up hangs offline without these (ENVIRONMENT.md); rosa2.env sets them, repeat for safety
         extra.update(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", LITELLM_LOCAL_MODEL_COST_MAP="True")
     else:
@@ -302,15 +327,15 @@ def start(name: str, tracking: TrackingConfig, cfg: StackConfig, home: Path | No
     child_env = {**os.environ, **extra}
     # a client URL in the server's environment would make `prefect server start` talk to itself
     child_env.pop("PREFECT_API_URL", None)
-    with open(log, "ab") as out:
-        out.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
+    with os.fdopen(_open_private_log(log), "ab") as out:
+        out.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} {redact(' '.join(argv))}\n".encode())
         out.flush()
         proc = subprocess.Popen(  # noqa: S603 - fixed argv
             argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             cwd=service.home,  # never the checkout: ./mlflow there must not shadow the library
             env=child_env, start_new_session=True,  # own process group: `down` stops the server and its workers
         )
-    service.pid_file.write_text(json.dumps({"pid": proc.pid, "url": service.url, "argv": argv, "started": time.time()}))
+    write_private(service.pid_file, json.dumps({"pid": proc.pid, "url": service.url, "argv": [redact(a) for a in argv], "started": time.time()}))
     deadline = time.monotonic() + cfg.start_timeout_s
     reason = probe(service)
     while reason is not None:

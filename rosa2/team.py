@@ -112,6 +112,13 @@ def _password(root: Path) -> str:
     return path.read_text().strip()
 
 
+def _private(*paths: Path) -> None:
+    """Mode 600 for files that hold, or may one day print, a secret (the password, the server log)."""
+    for path in paths:
+        if path.is_file():
+            path.chmod(0o600)
+
+
 def _check_reachable(root: Path) -> None:
     """The cluster owner (``postgres`` when we are root) must be able to reach the project home."""
     if _owner() is None:
@@ -130,9 +137,10 @@ def _initdb(root: Path, password: str) -> None:
     root.mkdir(parents=True, exist_ok=True)
     _chown(root)
     pwfile = root / ".initdb-pw"
-    pwfile.write_text(password)
+    fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # never readable by others, not even briefly
+    with os.fdopen(fd, "w") as fh:
+        fh.write(password)
     _chown(pwfile)
-    os.chmod(pwfile, 0o600)
     try:
         # host connections need the password; the local socket (in root/run, owner-only) is trusted
         _run([
@@ -185,6 +193,7 @@ def up(port: int = DEFAULT_PORT, home: Path | None = None, timeout_s: float = 60
                 f"see {root / 'postgres.log'} (is the port taken?)"
             )
     (root.parent / "postgres.port").write_text(str(port))
+    _private(root.parent / "postgres.password", root / "postgres.log")
     for name in DATABASES:
         if _psql(db, f"SELECT 1 FROM pg_database WHERE datname = '{name}'") != "1":
             _psql(db, f"CREATE DATABASE {name} OWNER {ROLE}")

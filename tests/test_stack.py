@@ -7,6 +7,7 @@ import base64
 import os
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -89,3 +90,84 @@ def test_team_mode_mlflow_requires_basic_auth(tmp_path, monkeypatch):
     finally:
         stopped = stack.stop("mlflow", tracking, home=tmp_path)
     assert not stopped.healthy and not (tmp_path / "run" / "mlflow.pid").exists()
+
+
+def _descendants(root_pid: int) -> list[int]:
+    """root_pid and every process below it (servers fork workers: uvicorn, gunicorn, huey)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [root_pid]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
+
+
+@pytest.mark.slow
+def test_team_mode_keeps_every_secret_out_of_argv_logs_and_pid_files(monkeypatch):
+    """17.3: PostgreSQL password, MLflow admin password and Prefect auth string never reach a
+    command line (/proc/PID/cmdline of the servers and all their workers), a log or a PID file;
+    every file under the home that holds one is mode 600."""
+    import shutil
+    import tempfile
+
+    from conftest import free_port
+    from rosa2 import team
+
+    # not under pytest's tmp (mode 0700): the 'postgres' user runs the cluster and must reach it
+    home = Path(tempfile.mkdtemp(prefix="rosa2-secrets-"))
+    home.chmod(0o755)
+    monkeypatch.setenv("ROSA2_HOME", str(home))
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "mlflow-Pw-7f3a9c")
+    monkeypatch.setenv("PREFECT_API_AUTH_STRING", "admin:prefect-Pw-b81d2e")
+    tracking = TrackingConfig(mlflow_uri=f"http://127.0.0.1:{free_port()}", prefect_api_url=f"http://127.0.0.1:{free_port()}/api")
+    db = team.up(port=free_port(), home=home)
+    try:
+        rows = stack.up(tracking, stack.StackConfig(database_url="team", team=True, start_timeout_s=240), home=home)
+        assert all(r.healthy and r.pid for r in rows), [r.line() for r in rows]
+        secrets = {"postgres": db.password, "mlflow": "mlflow-Pw-7f3a9c", "prefect": "prefect-Pw-b81d2e"}
+        assert len(db.password) >= 16
+        # the MLflow server really is on PostgreSQL with that password (else the check proves nothing)
+        assert db.url("mlflow") in (Path(f"/proc/{rows[1].pid}/environ").read_bytes().decode(errors="replace"))
+
+        time.sleep(3)  # let the servers fork their workers
+        for row in rows:
+            pids = _descendants(row.pid)
+            assert len(pids) >= 1
+            for pid in pids:
+                try:
+                    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+                except OSError:
+                    continue  # ended meanwhile
+                for name, secret in secrets.items():
+                    assert secret not in argv, f"{name} secret in the argv of pid {pid} ({row.name}): {argv[:200]}"
+
+        holders = []
+        for path in home.rglob("*"):
+            if not path.is_file() or "data" in path.relative_to(home).parts:  # the cluster's own files (0700)
+                continue
+            text = path.read_bytes().decode(errors="replace")
+            found = [name for name, secret in secrets.items() if secret in text]
+            relative = path.relative_to(home)
+            if relative.parts[0] in ("logs", "run") or path.name.endswith((".log", ".pid")):
+                assert not found, f"{found} secret in {relative}"
+                assert path.stat().st_mode & 0o077 == 0, f"{relative} is mode {oct(path.stat().st_mode & 0o777)}"
+            if found:
+                holders.append(str(relative))
+                assert path.stat().st_mode & 0o777 == 0o600, f"{relative} holds {found} with mode {oct(path.stat().st_mode & 0o777)}"
+        assert "team/postgres.password" in holders and "mlflow/basic_auth.ini" in holders
+        assert {"logs/mlflow.log", "logs/prefect.log", "run/mlflow.pid", "run/prefect.pid"} <= {
+            str(p.relative_to(home)) for p in home.rglob("*") if p.is_file()
+        }
+    finally:
+        stack.down(tracking, home=home)
+        team.down(home=home)
+        shutil.rmtree(home, ignore_errors=True)
