@@ -203,3 +203,45 @@ def test_cli_lists_and_shows(capsys):
     assert len(lines) == 3 and json.loads(lines[0])["domain"] == "math"
     assert main(["datasets", "--show", "nonexistent"]) == 2
     assert "unknown dataset 'nonexistent'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
+def test_a_file_that_is_not_utf8_is_named_with_its_line(tmp_path, suffix):
+    """17.5: Latin-1 bytes on line 3 are one error naming the file and line, not a UnicodeDecodeError."""
+    import gzip
+
+    good = b'{"question": "What is 1+1?", "answer": "2"}\n'
+    body = good + good.replace(b"1+1", b"2+2").replace(b'"2"', b'"4"') + '{"question": "caf\u00e9 1+2?", "answer": "3"}\n'.encode("latin-1")
+    path = tmp_path / f"latin{suffix}"
+    path.write_bytes(gzip.compress(body) if suffix.endswith(".gz") else body)
+    with pytest.raises(Rosa2Error, match=rf"{re.escape(str(path))}: line 3: not UTF-8 \(byte 0xe9") as info:
+        load(f"math-500:{path}")
+    assert "\n" not in str(info.value)
+    # through the CLI: one line, no traceback
+    out = subprocess.run([sys.executable, "-m", "rosa2", "datasets", "--show", f"math-500:{path}"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().count("\n") == 0 and f"{path}: line 3: not UTF-8" in out.stderr
+    # a BOM at the start is UTF-8 all the same
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + good)
+    assert load(f"math-500:{bom}")[0].answer == "2"
+
+
+def test_torn_gzip_and_parquet_are_named(tmp_path):
+    gz = tmp_path / "torn.jsonl.gz"
+    gz.write_bytes(b"not gzip at all\n")
+    with pytest.raises(Rosa2Error, match=rf"{re.escape(str(gz))}: line 1: not a readable gzip file"):
+        load(f"math-500:{gz}")
+    pq = tmp_path / "torn.parquet"
+    pq.write_bytes(b"PAR1 and nothing else")
+    with pytest.raises(Rosa2Error, match=rf"{re.escape(str(pq))}: not a readable parquet file"):
+        load(f"math-500:{pq}")
+
+
+def test_a_blank_question_or_answer_in_a_row_is_refused(tmp_path):
+    path = write_jsonl(tmp_path / "blank.jsonl", [{"question": "1+1?", "answer": "2"}, {"question": "  ", "answer": "3"}])
+    with pytest.raises(Rosa2Error, match=r"blank.jsonl: line 2: field 'question' is empty"):
+        load(f"math-500:{path}")
+    path = write_jsonl(tmp_path / "blank2.jsonl", [{"question": "1+1?", "answer": ""}])
+    with pytest.raises(Rosa2Error, match=r"blank2.jsonl: line 1: field 'answer' is empty"):
+        load(f"math-500:{path}")

@@ -22,6 +22,7 @@ import gzip
 import hashlib
 import json
 import random
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -98,14 +99,19 @@ def _read_file(path: Path) -> Iterator[tuple[str, Row]]:
     if name.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # noqa: BLE001 - arrow's errors: torn, foreign or not parquet at all
+            raise Rosa2Error(f"{path}: not a readable parquet file ({type(exc).__name__}: {str(exc)[:200]})") from None
+        for i, row in enumerate(table.to_pylist(), start=1):
             yield f"{path}: row {i}", row
         return
     if not (name.endswith(".jsonl") or name.endswith(".jsonl.gz")):
         raise Rosa2Error(f"dataset file {str(path)!r} is not one of {', '.join(FILE_SUFFIXES)}")
     opener = gzip.open if name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as handle:  # type: ignore[operator]
-        for number, line in enumerate(handle, start=1):
+    with opener(path, "rb") as handle:  # type: ignore[operator]
+        for number, raw in _lines(path, handle):
+            line = _decode(path, number, raw)
             if not line.strip():
                 continue
             try:
@@ -115,6 +121,29 @@ def _read_file(path: Path) -> Iterator[tuple[str, Row]]:
             if not isinstance(row, dict):
                 raise Rosa2Error(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
             yield f"{path}: line {number}", row
+
+
+def _lines(path: Path, handle: Any) -> Iterator[tuple[int, bytes]]:
+    """(number, bytes) of each line; a torn or foreign .gz is named, not a raw BadGzipFile."""
+    number = 0
+    try:
+        for number, raw in enumerate(handle, start=1):
+            yield number, raw
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise Rosa2Error(f"{path}: line {number + 1}: not a readable gzip file ({type(exc).__name__}: {exc})") from None
+
+
+def _decode(path: Path, number: int, raw: bytes) -> str:
+    """One line as UTF-8 (a leading BOM allowed), or an error naming the file, line and byte."""
+    if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Rosa2Error(
+            f"{path}: line {number}: not UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of the line); "
+            "dataset files must be UTF-8 encoded (e.g. `iconv -f latin1 -t utf-8`)"
+        ) from None
 
 
 def _read_hub(hub_id: str, config: str | None, split: str) -> Iterator[tuple[str, Row]]:

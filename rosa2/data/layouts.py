@@ -29,6 +29,8 @@ def field(row: Row, *names: str) -> Any:
     """The first of ``names`` present (and not None) in ``row``."""
     for name in names:
         if row.get(name) is not None:
+            if isinstance(row[name], str) and not row[name].strip():
+                raise RowError(f"field {name!r} is empty")  # a blank question or gold scores nothing
             return row[name]
     wanted = " or ".join(repr(n) for n in names)
     raise RowError(f"missing field {wanted} (the row has: {', '.join(sorted(row)) or 'no fields'})")
