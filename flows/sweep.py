@@ -101,6 +101,29 @@ def _check_value(source: str, section: str, name: str, node: Any, value: Any, cl
     return tuple(value) if isinstance(value, list) else value
 
 
+def _refuse_duplicate_keys(source: str, node: Any, path: str = "") -> None:
+    """A key given twice in one mapping (YAML keeps the last, silently) is an error at its second line."""
+    import yaml
+
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, Any] = {}
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else None
+            if name is not None:
+                if name == "<<":  # a merge key may repeat its anchors' keys: that is what it is for
+                    continue
+                if name in seen:
+                    raise ConfigError(
+                        f"{_where(source, key)}: {path}{name!r} is given twice (first at line "
+                        f"{seen[name].start_mark.line + 1}); keep one"
+                    )
+                seen[name] = key
+            _refuse_duplicate_keys(source, value, f"{path}{name}." if name is not None else path)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicate_keys(source, item, path)
+
+
 def parse(text: str, source: str = "<sweep>") -> SweepSpec:
     """Parse and check a sweep file; errors name the file, line and field."""
     import yaml
@@ -111,6 +134,7 @@ def parse(text: str, source: str = "<sweep>") -> SweepSpec:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from None
     if root is None or not isinstance(root, yaml.MappingNode):
         raise ConfigError(f"{source}: expected a mapping with models, datasets, methods and seeds")
+    _refuse_duplicate_keys(source, root)
     data = yaml.safe_load(text)
     nodes = {k.value: (k, v) for k, v in root.value}
     known = {"study", "scaleout", *GRID, *SECTIONS}

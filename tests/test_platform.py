@@ -243,6 +243,9 @@ def test_run_says_which_server_is_down_and_how_to_start_it(tmp_path):
         ("models: [embedded]\ndatasets: [embedded-math]\nmethods: [rosa]\nseeds: [zero]\n", r":4: seeds=\['zero'\]"),
         ("models: [embedded]\ndatasets: [embedded-math]\nmethods: [rosa]\nseeds: [0]\nsession: {method: rosa2}\n", r"session.'method'; set by the grid list 'methods'"),
         ("models: [embedded]\nmethods: [rosa]\nseeds: [0]\n", r"missing field 'datasets'"),
+        # 17.5: a key given twice is named at its second line, not silently the last one kept
+        ("models: [embedded]\ndatasets: [embedded-math]\nmethods: [rosa]\nseeds: [0]\nseeds: [1]\n", r":5: 'seeds' is given twice \(first at line 4\)"),
+        ("models: [embedded]\ndatasets: [embedded-math]\nmethods: [rosa]\nseeds: [0]\nadapt:\n  beta: 1\n  eta: 2\n  beta: 3\n", r":8: adapt.'beta' is given twice \(first at line 6\)"),
     ],
 )
 def test_sweep_file_errors_name_the_field_and_line(text, match, tmp_path):
