@@ -37,7 +37,7 @@ from rosa2.config import (
     AdaptConfig, ConfigError, DataConfig, GenerationConfig, ModelConfig, SandboxConfig, SemanticConfig,
     SessionConfig, TrackingConfig,
 )
-from tasks.cells import Cell
+from tasks.cells import Cell, check_sandbox_floor
 from flows.experiment import GroupOutcome, run_group
 
 SECTIONS: dict[str, type] = {
@@ -165,7 +165,9 @@ def parse(text: str, source: str = "<sweep>") -> SweepSpec:
                 raise ConfigError(f"{_where(source, fk)}: unknown field {name}.{fk.value!r}; {reason}")
             sections[name][fk.value] = _check_value(source, name, fk.value, fv, data[name][fk.value], cls)
         try:  # the section alone, so a bad value is reported at its line
-            cls(**{**({"method": "baseline"} if cls is SessionConfig else {}), **sections[name]})
+            built = cls(**{**({"method": "baseline"} if cls is SessionConfig else {}), **sections[name]})
+            if cls is SandboxConfig:
+                check_sandbox_floor(built, prefix="")
         except ConfigError as exc:
             line = next((_where(source, fk) for fk, _ in vnode.value if f"{fk.value}=" in str(exc)), _where(source, vnode))
             raise ConfigError(f"{line}: {name}: {exc}") from None

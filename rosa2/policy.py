@@ -16,10 +16,26 @@ from dataclasses import dataclass
 from typing import Any
 
 from rosa2.config import GenerationConfig
+from rosa2.errors import Rosa2Error
 from rosa2.kvcache import TurnCache
 from rosa2.models import LoadedModel
 
 Message = dict[str, str]
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+class ContextTooLong(Rosa2Error):
+    """A prompt that, with the answer budget, does not fit the model's context window."""
+
+
+def context_length(model: Any) -> int | None:
+    """The model's context window in tokens (from its config), or None when it does not say."""
+    config = getattr(model, "config", None)
+    for name in CONTEXT_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 @dataclass
@@ -51,13 +67,27 @@ class Policy:
         ids = self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
         )["input_ids"]
+        self.check_context(int(ids.shape[-1]), self.generation.max_new_tokens)
         return ids[0].to(self.device)
+
+    def check_context(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """Refuse, before any compute, a prompt that leaves no room for the answer budget in the
+        model's context (beyond it a model computes for minutes and answers from positions it never saw)."""
+        context = context_length(self.model)
+        if context is not None and prompt_tokens + max_new_tokens > context:
+            raise ContextTooLong(
+                f"the prompt is {prompt_tokens} tokens and the answer may take {max_new_tokens} more, but the "
+                f"model's context is {context} tokens; shorten the prompt to at most {max(context - max_new_tokens, 0)} "
+                "tokens (or lower --max-new-tokens)"
+            )
 
     def generate(self, messages: list[Message], *, max_new_tokens: int | None = None, seed: int | None = None) -> Reply:
         import torch
 
         cfg = self.generation
         prompt = self.prompt_ids(messages)
+        if max_new_tokens and max_new_tokens > cfg.max_new_tokens:
+            self.check_context(int(prompt.numel()), max_new_tokens)
         kwargs: dict[str, Any] = {
             "max_new_tokens": max_new_tokens or cfg.max_new_tokens,
             "do_sample": cfg.do_sample,

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from rosa2.config import GenerationConfig, ModelConfig, add_arguments, from_args
+from rosa2.config import ConfigError, GenerationConfig, ModelConfig, add_arguments, from_args
 
 
 def cmd(args: argparse.Namespace) -> int:
     from rosa2 import models
     from rosa2.policy import Policy
 
+    if not args.prompt.strip():
+        raise ConfigError("the prompt is empty; give the user message")
     model_cfg = from_args(ModelConfig, args, prefix="model_")
     gen_cfg = from_args(GenerationConfig, args)
     policy = Policy(models.load(model_cfg), gen_cfg)

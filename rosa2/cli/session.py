@@ -10,6 +10,7 @@ from typing import Any
 
 from rosa2.config import (
     AdaptConfig,
+    ConfigError,
     GenerationConfig,
     ModelConfig,
     SemanticConfig,
@@ -63,6 +64,9 @@ def cmd(args: argparse.Namespace) -> int:
     from rosa2.environment import environment_for
     from rosa2.records import Problem
 
+    for option in ("question", "answer"):  # an empty x_1 or gold cannot be scored: refuse before any work
+        if not getattr(args, option).strip():
+            raise ConfigError(f"--{option} is empty; give the {'first user message' if option == 'question' else 'reference answer'}")
     configs = engine_configs(args)  # every ConfigError fires here, before any model loads
     problem = Problem(id="cli", prompt=args.question, domain=args.domain, answer=args.answer)
     environment = environment_for(problem, configs["session"].feedback, allow_exact_match=True)
