@@ -106,6 +106,7 @@ def log_cell_run(
         "rosa2.seed": cell.seed, "rosa2.fingerprint": dataset.fingerprint,
     })
     tracking.log_metrics(mc, run_id, summary)
+    tracking.log_summary_extras(mc, run_id, summary)  # per-problem outcomes: paired gains from MLflow
     tracking.log_results(mc, run_id, results)
     tracking.log_lineage(mc, run_id, dataset.name, dataset.fingerprint, dataset.snapshot, cell.data.dataset)
     by_id = {p.id: p for p in dataset.problems}
@@ -121,9 +122,10 @@ def log_cell_run(
 
 
 def cell_summary(cell: Cell, summary: dict[str, Any], run_id: str | None = None) -> report.CellSummary:
+    """The report's view of a cell; its flat params let the report keep variants of a method apart."""
     model = Path(cell.model.name).name if Path(cell.model.name).is_dir() else cell.model.name
     dataset = Path(cell.data.dataset).name
-    return report.CellSummary(model, dataset, cell.method, cell.seed, summary, run_id)
+    return report.CellSummary(model, dataset, cell.method, cell.seed, summary, run_id, params=cell.params())
 
 
 def publish(tracking_cfg: TrackingConfig, run_id: str | None, cells: list[report.CellSummary], title: str) -> str:

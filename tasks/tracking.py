@@ -36,6 +36,7 @@ TAG_COMPLETE = "rosa2.complete"
 TAG_KIND = "rosa2.kind"  # cell | sweep | ablation | report
 TAG_PARENT = "mlflow.parentRunId"
 RESULTS_FILE = "results.jsonl"
+SUMMARY_EXTRAS_FILE = "summary_extras.json"  # summary entries that are no metric (per-problem outcomes)
 FINAL_METRICS = ("accuracy", "correction_uplift", "avg_turn", "avg_time_s", "peak_memory_mb")
 STEP_METRICS = ("accuracy_at_turn", "delta_theta_sq", "delta_x_sq")
 
@@ -239,7 +240,32 @@ def summary_from_run(mc: Any, run: Any) -> dict[str, Any]:
                 summary[name + "@final"] = finals[-1]
         else:
             summary[name] = None if isinstance(value, float) and math.isnan(value) else value
+    summary.update(read_summary_extras(mc, run.info.run_id))
     return summary
+
+
+def summary_extras(summary: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a summary that are no metric (e.g. ``solved_by_problem``, a dict per problem)."""
+    return {k: v for k, v in summary.items() if isinstance(v, dict)}
+
+
+def log_summary_extras(mc: Any, run_id: str, summary: dict[str, Any]) -> None:
+    """``summary_extras.json`` beside the metrics, so a summary read back from MLflow keeps them."""
+    extras = summary_extras(summary)
+    if not extras:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / SUMMARY_EXTRAS_FILE
+        path.write_text(json.dumps(extras))
+        mc.log_artifact(run_id, str(path))
+
+
+def read_summary_extras(mc: Any, run_id: str) -> dict[str, Any]:
+    """What :func:`log_summary_extras` wrote; {} for runs logged before it existed."""
+    if not any(a.path == SUMMARY_EXTRAS_FILE for a in mc.list_artifacts(run_id)):
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        return json.loads(Path(mc.download_artifacts(run_id, SUMMARY_EXTRAS_FILE, tmp)).read_text())
 
 
 @contextmanager

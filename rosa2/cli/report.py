@@ -24,6 +24,7 @@ def study_cells(tracking: TrackingConfig) -> list:
             method=params.get("session.method", tags.get("rosa2.method", "?")),
             seed=int(params.get("generation.seed", 0)),
             summary=tr.summary_from_run(mc, run), run_id=run.info.run_id,
+            params=dict(params),  # the report keeps cells apart by every knob that differs
         ))
     return cells
 
