@@ -17,12 +17,22 @@ from rosa2.config import ConfigError, TrackingConfig
 from flows import sweep as sweep_module
 
 DEPLOYMENT = "nightly"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def spec_file(spec_path: str) -> Path:
+    """``spec_path`` as given, or, when relative and not found there, under the project root (where
+    ``sweeps/`` ships): infra/prefect.yaml names ``sweeps/nightly.yaml`` whatever the worker's cwd."""
+    path = Path(spec_path).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    return PROJECT_ROOT / path if (PROJECT_ROOT / path).exists() else path
 
 
 @flow(name="nightly", log_prints=True)
 def nightly(spec_path: str, progress: bool = False) -> dict[str, Any]:
     """Run the sweep in ``spec_path`` (re-read every night, so edits apply to the next run)."""
-    spec = sweep_module.load(spec_path)
+    spec = sweep_module.load(spec_file(spec_path))
     outcome = sweep_module.sweep(spec, None, progress)
     return {"parent_run_id": outcome.run_id, "cells": len(outcome.cells), "skipped": sum(c.skipped for c in outcome.cells)}
 

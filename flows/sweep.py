@@ -33,16 +33,14 @@ from typing import Any
 
 from prefect import flow
 
-from rosa2.config import (
-    AdaptConfig, ConfigError, DataConfig, GenerationConfig, ModelConfig, SandboxConfig, SemanticConfig,
-    SessionConfig, TrackingConfig,
-)
+from rosa2.config import ConfigError, DataConfig, GenerationConfig, ModelConfig, SessionConfig, TrackingConfig
 from tasks.cells import Cell, check_sandbox_floor
 from flows.experiment import GroupOutcome, run_group
 
+# one section per config of a Cell (model, session, data, generation, adapt, semantic, reward,
+# sandbox...), so a config the Cell gains is a section without a change here; plus tracking
 SECTIONS: dict[str, type] = {
-    "model": ModelConfig, "session": SessionConfig, "data": DataConfig, "generation": GenerationConfig,
-    "adapt": AdaptConfig, "semantic": SemanticConfig, "sandbox": SandboxConfig, "tracking": TrackingConfig,
+    **{f.name: typing.get_type_hints(Cell)[f.name] for f in dataclasses.fields(Cell)}, "tracking": TrackingConfig,
 }
 # fields that the grid lists set, so a section may not
 GRID = {"models": ("model", "name"), "datasets": ("data", "dataset"), "methods": ("session", "method"), "seeds": ("generation", "seed")}
@@ -166,7 +164,7 @@ def parse(text: str, source: str = "<sweep>") -> SweepSpec:
             sections[name][fk.value] = _check_value(source, name, fk.value, fv, data[name][fk.value], cls)
         try:  # the section alone, so a bad value is reported at its line
             built = cls(**{**({"method": "baseline"} if cls is SessionConfig else {}), **sections[name]})
-            if cls is SandboxConfig:
+            if name == "sandbox":
                 check_sandbox_floor(built, prefix="")
         except ConfigError as exc:
             line = next((_where(source, fk) for fk, _ in vnode.value if f"{fk.value}=" in str(exc)), _where(source, vnode))
@@ -200,6 +198,38 @@ def load(path: str | Path) -> SweepSpec:
     except OSError as exc:
         raise ConfigError(f"sweep file {path}: {exc.strerror}") from None
     return parse(text, str(path))
+
+
+def check_sources(spec: SweepSpec) -> list[str]:
+    """What ``rosa2 sweep FILE --check`` can check offline, so a bad sweep fails there and not at
+    2 a.m.: every local model or critic directory must be a transformers directory, every local
+    dataset file must exist and read (each row checked). Raises one line naming the first bad one;
+    returns one line per hub model or dataset, which cannot be checked without fetching it."""
+    from rosa2 import models
+    from rosa2.data import check as check_dataset, is_hub
+    from rosa2.errors import Rosa2Error
+
+    notes: list[str] = []
+    critics = {c.semantic.critic for c in spec.cells()} - {"base", "openai"}
+    for what, name in [*(("model", m) for m in spec.models), *(("semantic.critic", c) for c in sorted(critics))]:
+        if name in models.EMBEDDED_ALIASES:
+            continue
+        try:
+            resolved = models.resolve(name)
+        except Rosa2Error as exc:
+            raise ConfigError(f"{spec.source}: {what} {name!r}: {exc}") from None
+        if resolved == name and not Path(name).expanduser().exists():
+            notes.append(f"{what} {name}: hub id, not checked (offline; a local directory would have to exist here)")
+    data = spec.sections.get("data", {})
+    for dataset in spec.datasets:
+        cfg = DataConfig(**{**data, "dataset": dataset})
+        try:
+            count = check_dataset(cfg)
+        except Rosa2Error as exc:
+            raise ConfigError(f"{spec.source}: dataset {dataset!r}: {exc}") from None
+        if count is None and is_hub(dataset):
+            notes.append(f"dataset {dataset}: on the hub, not checked (offline)")
+    return notes
 
 
 @flow(name="sweep", validate_parameters=False, log_prints=True)

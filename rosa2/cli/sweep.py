@@ -16,7 +16,9 @@ def cmd(args: argparse.Namespace) -> int:
     tracking = spec.tracking(from_args(TrackingConfig, args))
     if args.study:  # the command line wins over the file's study
         tracking = from_args(TrackingConfig, args, adapters=tracking.adapters)
-    if args.check:
+    if args.check:  # models, critics and datasets too: a missing directory or file fails here, not at 2 a.m.
+        for note in sweep_module.check_sources(spec):
+            print(f"{args.file}: {note}")
         print(f"{args.file}: {len(spec.cells())} cells, study {tracking.study!r}")
         return 0
     with prepare_platform(tracking, args.verbose):
@@ -27,6 +29,6 @@ def cmd(args: argparse.Namespace) -> int:
 
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="sweep YAML (see flows/sweep.py for the fields)")
-    parser.add_argument("--check", action="store_true", help="only validate the file and count its cells")
+    parser.add_argument("--check", action="store_true", help="only validate the file, its local models, critics and dataset files (hub ids are listed as not checked) and count its cells")
     add_tracking_arguments(parser)
     parser.set_defaults(func=cmd)
