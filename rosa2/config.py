@@ -132,6 +132,26 @@ class AdaptConfig:
             raise ConfigError("target_modules is empty; expected at least one linear module name such as q_proj")
 
 
+SEMANTIC_TARGETS = ("message", "system")
+EXTRACTIONS = ("flexible", "paper")
+
+
+@dataclass
+class RewardConfig:
+    """How an answer is read before it is judged (math and choice; code is judged by its tests)."""
+
+    extraction: str = _help(
+        "'flexible' (default; small models and demos: math-verify also reads anchored unboxed forms "
+        "such as 'the final answer is 7', and a choice answer without a letter whose final value or "
+        "text matches exactly one option counts as that option) or 'paper' (the paper's compute_score: "
+        "the last \\boxed{} only, -1 without one; use it for parity with the paper's numbers)",
+        default="flexible",
+    )
+
+    def __post_init__(self) -> None:
+        _check_choice("extraction", self.extraction, list(EXTRACTIONS))
+
+
 @dataclass
 class SemanticConfig:
     """The semantic stream (Words): TextGrad refinement of the user's next message."""
@@ -144,10 +164,22 @@ class SemanticConfig:
     api_base: str | None = _help("Endpoint URL when critic='openai'", default=None)
     api_model: str | None = _help("Model name at the endpoint when critic='openai'", default=None)
     api_key_env: str = _help("Environment variable holding the endpoint's API key", default="OPENAI_API_KEY")
+    api_guided: bool = _help(
+        "Send vLLM's guided_regex with TGD's update call so the endpoint answers inside the tags "
+        "(vLLM's OpenAI server only; without it a tag-less reply gets one re-ask)",
+        default=False,
+    )
     max_new_tokens: int = _help("Tokens per critic call at most", default=256)
     batch_size: int = _help("Critic prompts generated together when refining many sessions at once", default=8)
+    target: str = _help(
+        "Text the words stream optimises: 'message' (the user's next message x_{t+1}, Algorithm 1 line "
+        "14: Table 1's TextGrad and ROSA2) or 'system' (one system prompt per problem, optimised across "
+        "its turns and kept when frozen: the paper's motivation study, Sec. 2.1)",
+        default="message",
+    )
 
     def __post_init__(self) -> None:
+        _check_choice("target", self.target, list(SEMANTIC_TARGETS))
         if self.critic == "openai" and not (self.api_base and self.api_model):
             raise ConfigError("critic='openai' needs api_base and api_model")
         if self.max_new_tokens < 1:
@@ -165,7 +197,8 @@ DEFAULT_SWITCH_TURN = 5
 @dataclass
 class SessionConfig:
     method: str = _help(
-        "baseline | textgrad | rosa | rosa2 | switch-w2p@k | switch-p2w@k (k defaults to 5)", default="rosa2"
+        "baseline | textgrad | rosa | rosa2 | switch-w2p@k | switch-p2w@k (k defaults to 5; 2 <= k <= "
+        "max_turns - 1: the new axis first acts on turn k + 1)", default="rosa2"
     )
     max_turns: int = _help("T_max: turns per problem at most", default=5)
     feedback: str = _help("Simulated user: 'none' (empty), 'sparse' (fixed retry message), 'rich' (error text)", default="sparse")
@@ -190,9 +223,13 @@ class SessionConfig:
             raise ConfigError(f"method={self.method!r}: only switch methods take @k; expected one of {allowed}")
         if name in SWITCH_METHODS:
             turn = int(k) if k is not None else DEFAULT_SWITCH_TURN
-            if not 2 <= turn <= self.max_turns:
+            if not 2 <= turn <= self.max_turns - 1:
+                # the update after turn t uses the streams of turn t and none follows turn T_max, so
+                # k = T_max would never switch: the run would be the single-axis method under a Switch name
                 raise ConfigError(
-                    f"method={self.method!r}: switch turn {turn} is outside 2..T_max={self.max_turns}"
+                    f"method={self.method!r}: switch turn k={turn} needs 2 <= k <= T_max - 1 = {self.max_turns - 1} "
+                    f"(T_max={self.max_turns}: the new axis first acts on turn k + 1, and no update follows the last "
+                    "turn); lower k or raise max_turns"
                 )
 
     @property
@@ -207,7 +244,11 @@ class SessionConfig:
         return int(k) if k is not None else DEFAULT_SWITCH_TURN
 
     def streams_at(self, turn: int) -> tuple[bool, bool]:
-        """(words on, weights on) for the update made after turn ``turn`` (1-based)."""
+        """(words on, weights on) for the update made after turn ``turn`` (1-based).
+
+        ``switch-w2p@k``: weights after turns 1..k-1, words after turns k..T_max-1 (θ frozen);
+        ``switch-p2w@k``: the other way round. The update after turn k is the first on the new
+        axis, so the new axis first acts on turn k + 1 (hence 2 <= k <= T_max - 1)."""
         name, k = self.method_name, self.switch_turn
         if name == "baseline":
             return False, False

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, NamedTuple
 
-from rosa2.config import SandboxConfig, _check_choice
+from rosa2.config import RewardConfig, SandboxConfig, _check_choice
 from rosa2.errors import Rosa2Error
 from rosa2.records import Problem, RewardResult
 
@@ -125,14 +125,15 @@ class RewardEnvironment(Environment):
 
     name = "rosa2.rewards"
 
-    def __init__(self, feedback: str = "sparse", sandbox: SandboxConfig | None = None) -> None:
+    def __init__(self, feedback: str = "sparse", sandbox: SandboxConfig | None = None, reward: RewardConfig | None = None) -> None:
         super().__init__(feedback)
         self.sandbox = sandbox
+        self.reward = reward
 
     def scorer(self, problem: Problem) -> Scorer:
         from rosa2.rewards import reward_for
 
-        return reward_for(problem, self.sandbox).score
+        return reward_for(problem, self.sandbox, self.reward).score
 
 
 def rewards_available() -> bool:
@@ -145,6 +146,7 @@ def environment_for(
     problem: Problem,
     feedback: str = "sparse",
     sandbox_cfg: SandboxConfig | None = None,
+    reward: RewardConfig | None = None,
     *,
     allow_exact_match: bool = False,
 ) -> Environment:
@@ -153,7 +155,7 @@ def environment_for(
     Without ``rosa2.rewards`` installed, ``allow_exact_match`` (the CLI) falls back to exact match
     for math and choice problems; experiments leave it off so scores never silently change."""
     if rewards_available():
-        return RewardEnvironment(feedback, sandbox_cfg)
+        return RewardEnvironment(feedback, sandbox_cfg, reward)
     if allow_exact_match and problem.domain in ("math", "choice"):
         return ExactMatchEnvironment(feedback)
     raise Rosa2Error(f"scoring {problem.domain!r} problems needs rosa2.rewards, which is not available")
@@ -162,3 +164,21 @@ def environment_for(
 def as_dict(result: RewardResult) -> dict[str, Any]:
     """The reward fields a turn record keeps in ``detail`` (gold logged, never shown to the model)."""
     return {"gold": result.gold, "outcome": result.outcome, "scored": result.scored, **result.detail}
+
+
+# why a turn scored as it did (TurnRecord.answer_status), whatever the domain
+ANSWER_STATUSES = ("correct", "wrong", "no_answer", "truncated")
+_NO_ANSWER = {"no_answer", "truncated", "empty", "syntax_error"}
+
+
+def answer_status(result: RewardResult, hit_budget: bool) -> str:
+    """correct | wrong | no_answer | truncated for one scored turn.
+
+    ``truncated``: no answer could be read and the reply used its whole token budget (the answer
+    was cut off, the knob is max_new_tokens); ``no_answer``: no answer although the reply ended on
+    its own; ``wrong``: an answer (any outcome of a judged answer: wrong, failed tests, a timeout)."""
+    if result.reward > 0:
+        return "correct"
+    if result.outcome in _NO_ANSWER:
+        return "truncated" if hit_budget or result.outcome == "truncated" else "no_answer"
+    return "wrong"

@@ -21,8 +21,8 @@ class TurnRecord:
     words_on: bool  # semantic stream ran after this turn
     weights_on: bool  # parametric stream ran after this turn
     delta_theta_sq: float  # ‖Δθ‖² of the update made after this turn (0 when none)
-    delta_x_sq: float  # ‖Δx‖² between feedback and refined_feedback (0 when none)
-    semantic_fallback: bool  # the critic's reply lacked TextGrad's tags: raw message kept
+    delta_x_sq: float  # ‖Δx‖² between feedback and refined_feedback (0 when words are off, NaN when not refined)
+    semantic_fallback: bool  # words ran but the reply was not a refinement (semantic_class != refined): raw message kept
     tokens: int  # tokens generated for y_t
     seconds_generate: float
     seconds_parametric: float
@@ -31,6 +31,12 @@ class TurnRecord:
     peak_memory_bytes: int  # CUDA: peak allocated; CPU: peak RSS of the process
     prediction: str | None = None  # extracted answer, when the reward extracts one
     detail: dict[str, Any] = field(default_factory=dict)  # reward detail (gold, outcome, tests...)
+    # what the words stream's reply was (rosa2.semantic.CLASSES): refined | copied | empty | truncated;
+    # "" when it did not run. Only a refined reply entered the history as x*.
+    semantic_class: str = ""
+    # why the turn scored as it did: correct | wrong | no_answer | truncated (no answer and the reply
+    # hit the token budget) — the reward's own outcome stays in detail["outcome"]
+    answer_status: str = ""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TurnRecord":

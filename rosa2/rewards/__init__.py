@@ -15,7 +15,7 @@ from rosa2.errors import Rosa2Error
 from rosa2.records import Problem, RewardResult
 
 if TYPE_CHECKING:
-    from rosa2.config import SandboxConfig
+    from rosa2.config import RewardConfig, SandboxConfig
 
 DOMAINS = ("math", "choice", "code")
 
@@ -26,17 +26,21 @@ class Reward(Protocol):
     def score_many(self, responses: Sequence[str]) -> list[RewardResult]: ...
 
 
-def reward_for(problem: Problem, sandbox: "SandboxConfig | None" = None) -> Reward:
+def reward_for(problem: Problem, sandbox: "SandboxConfig | None" = None, reward: "RewardConfig | None" = None) -> Reward:
     """The reward for ``problem``: math-verify (math), the chosen letter (choice), or the unit
-    tests in the Docker sandbox (code; ``sandbox`` configures it, defaults otherwise)."""
+    tests in the Docker sandbox (code; ``sandbox`` configures it, defaults otherwise). ``reward``
+    says how math and choice answers are read (``RewardConfig.extraction``: flexible | paper)."""
+    from rosa2.config import RewardConfig
+
+    extraction = (reward or RewardConfig()).extraction
     if problem.domain == "math":
         from rosa2.rewards.math import MathReward
 
-        return MathReward(problem)
+        return MathReward(problem, extraction=extraction)
     if problem.domain == "choice":
         from rosa2.rewards.choice import ChoiceReward
 
-        return ChoiceReward(problem)
+        return ChoiceReward(problem, extraction=extraction)
     if problem.domain == "code":
         from rosa2.config import SandboxConfig
         from rosa2.rewards.code import CodeReward

@@ -5,6 +5,12 @@ The letter is read, most explicit form first, from: the last ``\\boxed{C}`` (als
 option is C"; the last parenthesised "(C)"; the last standalone capital letter among the problem's
 options. "A" and "I" followed by a lower-case word are read as English ("the answer is a number",
 "A good choice..."), not as options.
+
+``extraction`` (``RewardConfig``): ``paper`` reads the last ``\\boxed{}`` letter only (the
+paper's strict scoring); ``flexible`` (default) reads every form above and, for an answer that
+names no explicit letter, its final value: the last number of the response when it equals exactly
+one option's value, else an option whose whole text ends the response. A final number that matches
+no option is a ``wrong`` answer (it is one), not a missing one.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ _ANSWER_IS = re.compile(
 _PAREN = re.compile(r"\(([A-Z])\)")
 _STANDALONE = re.compile(r"(?<![\w\\'-])([A-Z])(?![\w'-])")
 _ENGLISH = re.compile(r"\s+[a-z]")
+_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
 # ``rich`` feedback for an answer in no recognisable form (it names no letter: that could leak the gold)
 NO_LETTER = "Your reply does not name an option. End with the letter of your choice within \\boxed{}."
 
@@ -41,19 +48,64 @@ def letters(n: int) -> str:
     return string.ascii_uppercase[:n]
 
 
-def extract_choice(response: str, allowed: str) -> tuple[str | None, str]:
-    """(the chosen letter or None, which form it came from)."""
+def _number(text: str) -> float | None:
+    text = text.replace(",", "").strip()
+    try:
+        if "/" in text:
+            num, den = text.split("/")
+            return float(num) / float(den)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"[\s$.*]+", " ", text).strip().lower()
+
+
+def value_choice(response: str, choices: Sequence[str], allowed: str) -> tuple[str | None, str | None]:
+    """(letter, final value) of an answer given as a value instead of a letter: the last number of
+    the response when it equals exactly one option's number, else the one option whose whole text
+    ends the response. (None, value) when the final number matches no option (a wrong answer);
+    (None, None) when the response gives no final value."""
+    numbers = _NUMBER.findall(response)
+    if numbers:
+        value = _number(numbers[-1])
+        hits = [allowed[i] for i, c in enumerate(choices) if value is not None and _number(str(c)) == value]
+        if len(hits) == 1:
+            return hits[0], numbers[-1]
+    tail = _norm(response)[-200:]
+    texts = [(allowed[i], _norm(str(c))) for i, c in enumerate(choices)]
+    ends = [letter for letter, text in texts if text and tail.endswith(text)]
+    if len(ends) == 1:
+        return ends[0], None
+    if numbers and not any(_number(str(c)) is not None and _number(str(c)) == _number(numbers[-1]) for c in choices):
+        return None, numbers[-1]
+    return None, None
+
+
+def extract_choice(response: str, allowed: str, choices: Sequence[str] | None = None, extraction: str = "flexible") -> tuple[str | None, str]:
+    """(the chosen letter or None, which form it came from).
+
+    With ``choices`` under ``flexible`` extraction, a response with no explicit letter form (boxed,
+    "answer is", parenthesised) is read by its final value before a standalone capital letter is."""
     boxed, _ = last_boxed(response)
     if boxed is not None:
         m = _BOX_LETTER.match(boxed)
         if m and m.group(1).upper() in allowed:
             return m.group(1).upper(), "boxed"
+    if extraction == "paper":
+        return None, ""
     for m in reversed(list(_ANSWER_IS.finditer(response))):
         if m.group(1).upper() in allowed and not _english(response, m):
             return m.group(1).upper(), "answer_is"
     for m in reversed(list(_PAREN.finditer(response))):
         if m.group(1) in allowed:
             return m.group(1), "parenthesised"
+    if choices is not None:
+        letter, _ = value_choice(response, choices, allowed)
+        if letter is not None:
+            return letter, "value"
     for m in reversed(list(_STANDALONE.finditer(response))):
         letter = m.group(1)
         if letter not in allowed:
@@ -68,13 +120,17 @@ class ChoiceReward:
     """The reward for a Problem of domain ``choice``: its ``answer`` is the gold letter and
     ``metadata['choices']`` the option texts, in the order they were lettered in the prompt."""
 
-    def __init__(self, problem: Problem) -> None:
+    def __init__(self, problem: Problem, *, extraction: str = "flexible") -> None:
         choices = problem.metadata.get("choices")
         if not isinstance(choices, (list, tuple)):
             raise Rosa2Error(f"problem {problem.id!r}: metadata['choices'] must list the options, got {choices!r}")
+        if extraction not in ("flexible", "paper"):
+            raise Rosa2Error(f"extraction={extraction!r} is not allowed; expected one of ['flexible', 'paper']")
         self.allowed = letters(len(choices))
+        self.choices = [str(c) for c in choices]
         self.gold = (problem.answer or "").strip().upper()
         self.problem_id = problem.id
+        self.extraction = extraction
 
     def score(self, response: str) -> RewardResult:
         if self.gold not in self.allowed or len(self.gold) != 1:
@@ -82,7 +138,12 @@ class ChoiceReward:
                                 detail={"why": f"gold {self.gold!r} is not one of the letters {self.allowed}"})
         if not (response or "").strip():
             return RewardResult(-1.0, None, self.gold, outcome="empty", error_text=NO_LETTER, detail={"why": "empty response"})
-        letter, form = extract_choice(response, self.allowed)
+        letter, form = extract_choice(response, self.allowed, self.choices, self.extraction)
+        if letter is None and self.extraction == "flexible":
+            _, value = value_choice(response, self.choices, self.allowed)
+            if value is not None:  # a final value that is no option's: an answer, and a wrong one
+                return RewardResult(-1.0, value, self.gold, outcome="wrong", error_text=NO_LETTER,
+                                    detail={"form": "value", "why": f"the final value {value} matches no option"})
         if letter is None:
             return RewardResult(-1.0, None, self.gold, outcome="no_answer", error_text=NO_LETTER,
                                 detail={"why": f"no option letter ({', '.join(self.allowed)}) found in the response"})

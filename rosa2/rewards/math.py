@@ -1,7 +1,9 @@
 """Math reward: math-verify, ±1, mirroring the paper's ``MathVerifyRewardModel.get_reward``.
 
-The answer is the last ``\\boxed{...}`` of the response (the prompt asks for it); without one, the
-anchored forms math-verify understands ("the final answer is $x$", "Answer: x") are accepted. The
+The answer is the last ``\\boxed{...}`` of the response (the prompt asks for it). ``extraction``
+decides what happens without one: ``paper`` (the paper's ``compute_score``) scores it -1
+``no_answer``; ``flexible`` accepts the anchored forms math-verify understands ("the final answer
+is $x$", "Answer: x"), which suits small models and demos but scores higher than the paper would. The
 gold is parsed once (in a worker) and its parsed form travels pickled with every check, and both
 parses and comparisons run in worker processes (``rosa2.rewards.pool``) so math-verify's SIGALRM
 timeouts work from any thread, with an outer wall-clock kill for hangs that no alarm interrupts.
@@ -151,8 +153,13 @@ class MathVerifyRewardModel:
     response's final answer equal to the gold, else ``-1.0`` (the reward r_t that enters the target
     policy π* ∝ π·exp(r/β) of the parametric stream). ``score`` returns the full RewardResult."""
 
-    def __init__(self, gold: str, limits: MathLimits | None = None, pool: WorkerPool | None = None) -> None:
+    def __init__(
+        self, gold: str, limits: MathLimits | None = None, pool: WorkerPool | None = None, *, extraction: str = "flexible"
+    ) -> None:
+        if extraction not in ("flexible", "paper"):
+            raise Rosa2Error(f"extraction={extraction!r} is not allowed; expected one of ['flexible', 'paper']")
         self.gold = gold
+        self.extraction = extraction
         self.limits = limits or MathLimits()
         self.pool = pool or verifier_pool()
         self._gold_parse: tuple[bytes, str] | str | None = None  # (pickled parse, readable) or why it failed
@@ -211,6 +218,8 @@ class MathVerifyRewardModel:
             if not boxed.strip():
                 return ("", False), self._result(-1.0, "", "no_answer", "the last \\boxed{} is empty")
             return (f"\\boxed{{{boxed}}}", False), None
+        if self.extraction == "paper":  # the paper's compute_score: no \boxed{}, no answer
+            return ("", False), self._result(-1.0, None, "no_answer", "no \\boxed{} answer in the response (extraction=paper)")
         return (response, True), None
 
     def _judged(self, outcome: Any, answer: str, anchored_only: bool, gold_parsed: str) -> RewardResult:
@@ -245,8 +254,10 @@ class MathVerifyRewardModel:
 class MathReward(MathVerifyRewardModel):
     """The math reward for a Problem of domain ``math`` (its ``answer`` is the gold)."""
 
-    def __init__(self, problem: Problem, limits: MathLimits | None = None, pool: WorkerPool | None = None) -> None:
+    def __init__(
+        self, problem: Problem, limits: MathLimits | None = None, pool: WorkerPool | None = None, *, extraction: str = "flexible"
+    ) -> None:
         if problem.answer is None:
             raise Rosa2Error(f"problem {problem.id!r} has no gold answer; a math reward needs one")
-        super().__init__(problem.answer, limits, pool)
+        super().__init__(problem.answer, limits, pool, extraction=extraction)
         self.problem_id = problem.id
