@@ -28,12 +28,12 @@ from typing import Any, Callable, Iterator, Sequence
 import torch  # this module is only imported once a batched run starts
 
 from rosa2.adapter import fresh_lora_a
-from rosa2.config import AdaptConfig, ConfigError, GenerationConfig, ModelConfig, SandboxConfig, SemanticConfig, SessionConfig
+from rosa2.config import AdaptConfig, ConfigError, GenerationConfig, ModelConfig, RewardConfig, SandboxConfig, SemanticConfig, SessionConfig
 from rosa2.environment import Environment, environment_for
 from rosa2.errors import Rosa2Error
 from rosa2.models import LoadedModel
 from rosa2.records import Problem, ProblemResult, TurnRecord
-from rosa2.session import OnTurn, SessionEngine, _Clock, problem_seed, uses_streams
+from rosa2.session import OnTurn, SessionEngine, _Clock, next_history, problem_seed, uses_streams
 
 
 def _find_targets(model: Any, target_modules: Sequence[str]) -> list[tuple[str, Any]]:
@@ -441,6 +441,7 @@ class BatchedSessionEngine(SessionEngine):
         semantic: SemanticConfig | None = None,
         generation: GenerationConfig | None = None,
         sandbox: SandboxConfig | None = None,
+        reward: RewardConfig | None = None,
         *,
         batch_size: int = 8,
         update_tokens: int = 1024,
@@ -449,7 +450,7 @@ class BatchedSessionEngine(SessionEngine):
             raise ConfigError(f"batch_size={batch_size!r} must be >= 1")
         if update_tokens < 1:
             raise ConfigError(f"update_tokens={update_tokens!r} must be >= 1 (tokens per backward micro-batch)")
-        super().__init__(model, session, adapt, semantic, generation, sandbox)
+        super().__init__(model, session, adapt, semantic, generation, sandbox, reward)
         self.batch_size = batch_size
         self.update_tokens = update_tokens
         self._lora: RowLoRA | None = None
@@ -516,7 +517,7 @@ class BatchedSessionEngine(SessionEngine):
             while waiting and free:  # join: a new problem takes a free slot with θ ← 0
                 index, slot = waiting.pop(), free.pop()
                 problem = problems[index]
-                env = environments[index] if environments is not None else environment_for(problem, self.session.feedback, self.sandbox)
+                env = environments[index] if environments is not None else environment_for(problem, self.session.feedback, self.sandbox, self.reward)
                 seed = problem_seed(problem.id, self.generation.seed)
                 if lora is not None:
                     lora.reset(slot, seed)
@@ -561,13 +562,13 @@ class BatchedSessionEngine(SessionEngine):
             for k, refinement in zip(words, batch.time("semantic", self.semantic().refine_many, items)):
                 refinements[k] = refinement
                 clocks[k].seconds["semantic"] = refinement.seconds
-        refined = [refinements[k].text if k in refinements else step[2] for k, step in enumerate(steps)]
+        following = [next_history(live[k].history, replies[k].text, step[2], refinements.get(k)) for k, step in enumerate(steps)]
         updates = [k for k, step in enumerate(steps) if step[5][1]]
         parametric: dict[int, Any] = {}
         if updates:
             assert lora is not None
             items = [
-                UpdateItem(live[k].slot, self._update_context(live[k].history, replies[k], refined[k]), replies[k].response_ids, steps[k][1])
+                UpdateItem(live[k].slot, self._update_context(replies[k], following[k]), replies[k].response_ids, steps[k][1])
                 for k in updates
             ]
             steps_taken = batch.time(
@@ -580,14 +581,14 @@ class BatchedSessionEngine(SessionEngine):
         for k, (s, reply, clock) in enumerate(zip(live, replies, clocks)):
             t, reward, feedback, result, done, _ = steps[k]
             clock.absorb(batch)
-            record = self._record(t, s.history, reply, result, reward, feedback, refined[k], refinements.get(k), parametric.get(k), clock)
+            record = self._record(t, s.history, reply, result, reward, feedback, following[k], refinements.get(k), parametric.get(k), clock)
             s.turns.append(record)
             if on_turn is not None:
                 on_turn(s.problem, record)
             if done:
                 finished.append(s)
             else:
-                s.history = [*s.history, {"role": "assistant", "content": reply.text}, {"role": "user", "content": refined[k]}]
+                s.history = following[k]
         return finished
 
 

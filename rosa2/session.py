@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from rosa2 import models
 from rosa2.adapter import ParametricStep, ParametricStream, check_target_modules
-from rosa2.config import AdaptConfig, GenerationConfig, ModelConfig, SandboxConfig, SemanticConfig, SessionConfig
-from rosa2.environment import Environment, as_dict, environment_for
+from rosa2.config import AdaptConfig, GenerationConfig, ModelConfig, RewardConfig, SandboxConfig, SemanticConfig, SessionConfig
+from rosa2.environment import Environment, answer_status, as_dict, environment_for
 from rosa2.errors import Rosa2Error
 from rosa2.models import LoadedModel
 from rosa2.policy import Message, Policy
@@ -58,6 +58,21 @@ def validate(model: ModelConfig | LoadedModel, session: SessionConfig, adapt: Ad
         models.resolve(model.name)  # a missing model fails here, not halfway through a load
     if words and semantic.critic not in ("base", "openai"):
         models.resolve(semantic.critic)
+
+
+def next_history(history: list[Message], response: str, feedback: str, refinement: "Refinement | None") -> list[Message]:
+    """H_{t+1} = H_t + [y_t, x*_{t+1}] (Algorithm 1's last line), written once for both engines.
+
+    x*_{t+1} is the refined message when the words stream refined the message, else the raw
+    x_{t+1} (the refinement's ``text`` is then that raw message, or the default corrective one for
+    an empty message). For ``semantic.target = system`` the message stays raw and the system
+    prompt the stream returned replaces the first message (a frozen prompt then stays in force)."""
+    if refinement is None or refinement.target == "message":
+        message = refinement.text if refinement is not None else feedback
+        return [*history, {"role": "assistant", "content": response}, {"role": "user", "content": message}]
+    rest = [m for m in history if m["role"] != "system"]
+    system = [{"role": "system", "content": refinement.text}] if refinement.text.strip() else []
+    return [*system, *rest, {"role": "assistant", "content": response}, {"role": "user", "content": feedback}]
 
 
 def problem_seed(problem_id: str, seed: int) -> int:
@@ -123,6 +138,7 @@ class SessionEngine:
         semantic: SemanticConfig | None = None,
         generation: GenerationConfig | None = None,
         sandbox: SandboxConfig | None = None,
+        reward: RewardConfig | None = None,
     ) -> None:
         semantic = semantic or SemanticConfig()
         validate(model, session, adapt, semantic)
@@ -132,6 +148,7 @@ class SessionEngine:
         self.semantic_cfg = semantic
         self.generation = generation or GenerationConfig()
         self.sandbox = sandbox
+        self.reward = reward or RewardConfig()
         self._shared = _Shared(loaded, Policy(loaded, self.generation))
         self._parametric: ParametricStream | None = None
 
@@ -188,7 +205,7 @@ class SessionEngine:
     def run(self, problem: Problem, environment: Environment | None = None, on_turn: OnTurn | None = None) -> ProblemResult:
         """One session on ``problem``: at most T_max turns, stop at the first accepted answer."""
         session = self.session
-        env = environment or environment_for(problem, session.feedback, self.sandbox)
+        env = environment or environment_for(problem, session.feedback, self.sandbox, self.reward)
         seed = problem_seed(problem.id, self.generation.seed)
         parametric = self.parametric(create=uses_streams(session)[1])
         if parametric is not None:
@@ -205,38 +222,41 @@ class SessionEngine:
             if weights:  # θ moves after this turn, so its KV cannot serve the next: free it before the streams
                 self.policy.turn_cache.clear()
             refinement = clock.time("semantic", self._refine, problem, history, reply.text, feedback) if words else None
-            refined = refinement.text if refinement else feedback
-            step = clock.time("parametric", self._update, history, reply, refined, reward) if weights else None
-            turns.append(self._record(t, history, reply, result, reward, feedback, refined, refinement, step, clock))
+            following = next_history(history, reply.text, feedback, refinement)
+            step = clock.time("parametric", self._update, history, reply, following, reward) if weights else None
+            turns.append(self._record(t, history, reply, result, reward, feedback, following, refinement, step, clock))
             if on_turn is not None:
                 on_turn(turns[-1])
             if done:
                 break
-            history = [*history, {"role": "assistant", "content": reply.text}, {"role": "user", "content": refined}]
+            history = following
         self.policy.turn_cache.clear()  # this conversation's KV; the next problem starts its own
         return self._result(problem, turns, time.perf_counter() - start, scored=result.scored)
 
     def _refine(self, problem: Problem, history: list[Message], response: str, message: str) -> "Refinement":
         return self.semantic().refine(problem.prompt, history, response, message)
 
-    def _update(self, history: list[Message], reply: Any, refined: str, reward: float) -> ParametricStep:
+    def _update(self, history: list[Message], reply: Any, following: list[Message], reward: float) -> ParametricStep:
         """θ ← θ + Δθ on y_t, in the context ``_update_context`` picks."""
         parametric = self.parametric()
         assert parametric is not None
-        return parametric.step(self._update_context(history, reply, refined), reply.response_ids, reward)
+        return parametric.step(self._update_context(reply, following), reply.response_ids, reward)
 
-    def _update_context(self, history: list[Message], reply: Any, refined: str) -> Any:
+    def _update_context(self, reply: Any, following: list[Message]) -> Any:
         """Prompt ids y_t is scored in: the context it was generated in (H, the paper's reading) or
-        the next one (H + y_t + x*_{t+1}), per ``AdaptConfig.update_context``."""
+        the next one (``following`` = H + y_t + x*_{t+1}), per ``AdaptConfig.update_context``."""
         if self.adapt.update_context == "next":
-            return self.policy.prompt_ids([*history, {"role": "assistant", "content": reply.text}, {"role": "user", "content": refined}])
+            return self.policy.prompt_ids(following)
         return reply.prompt_ids
 
-    def _record(self, t, history, reply, result, reward, feedback, refined, refinement, step, clock) -> TurnRecord:  # type: ignore[no-untyped-def]
+    def _record(self, t, history, reply, result, reward, feedback, following, refinement, step, clock) -> TurnRecord:  # type: ignore[no-untyped-def]
         detail = as_dict(result)
         detail["peak_memory_mb"] = clock.peaks_mb()
         if refinement is not None:
-            detail.update(critique=refinement.critique, synthesised=refinement.synthesised)
+            detail.update(critique=refinement.critique, synthesised=refinement.synthesised, critic_reply=refinement.reply,
+                          semantic_target=refinement.target)
+            if refinement.target == "system":
+                detail.update(system_prompt_before=refinement.original, system_prompt=refinement.text)
         if step is not None:
             detail.update(segments=step.segments, residual=step.residual, gram_mean_diag=step.gram_mean_diag)
         return TurnRecord(
@@ -245,12 +265,14 @@ class SessionEngine:
             response=reply.text,
             message=history[-1]["content"],
             feedback=feedback,
-            refined_feedback=refined,
+            refined_feedback=following[-1]["content"],
             words_on=refinement is not None,
             weights_on=step is not None,
             delta_theta_sq=step.delta_theta_sq if step else 0.0,
             delta_x_sq=refinement.delta_x_sq if refinement else 0.0,
             semantic_fallback=bool(refinement and refinement.fallback),
+            semantic_class=refinement.kind if refinement else "",
+            answer_status=answer_status(result, reply.tokens >= self.generation.max_new_tokens) if result.scored else "",
             tokens=reply.tokens,
             seconds_generate=clock.seconds["generate"],
             seconds_parametric=clock.seconds["parametric"],

@@ -11,7 +11,11 @@ Two LLM calls per refinement, both through TextGrad's own machinery:
    asks the critic for feedback on the next message x_{t+1} given the problem, the earlier turns,
    y_t and the verdict: the textual gradient.
 2. **step** — ``TGD.step`` asks the critic to rewrite x_{t+1} with that feedback; the reply must
-   carry ``<IMPROVED_VARIABLE>`` tags, else TextGrad raises IndexError.
+   carry ``<IMPROVED_VARIABLE>`` tags, else TextGrad raises IndexError. A missing tag is never the
+   reason a refinement fails: the local engine starts the reply with the opening tag already in
+   place and stops at the closing one; an OpenAI-compatible endpoint is asked once more with a
+   format reminder when its reply lacks them (``OpenAIEngine``). Whether the reply is then a
+   refinement at all is ``rosa2.semantic.classify``'s call.
 
 Batching: TextGrad calls its engine one prompt at a time. ``ChatEngine.run_batched`` runs a list
 of such single-call steps twice: a planning pass records each step's prompt (the engine raises
@@ -62,6 +66,13 @@ CONSTRAINTS = [
     "The improved variable is only the message itself, written by the user to the assistant, in at most three sentences.",
     "Say what the assistant should check or redo; do not state a final answer.",
 ]
+# semantic.target = system (the paper's motivation study, Sec. 2.1): one system prompt per problem
+SYSTEM_ROLE = "the system prompt the assistant reads before the problem, meant to make it solve the problem correctly"
+EMPTY_SYSTEM_ROLE = SYSTEM_ROLE + " (there is none yet: the whole prompt has to be written)"
+SYSTEM_CONSTRAINTS = [
+    "The improved variable is only the system prompt itself, instructions to the assistant, in at most three sentences.",
+    "Say how the assistant should work on problems like this one; do not state a final answer.",
+]
 
 
 class _Planned(Exception):
@@ -72,42 +83,60 @@ class _Planned(Exception):
         self.key = key
 
 
+def is_update_call(key: Key) -> bool:
+    """TGD's update call (its system prompt names the tags); the backward call's does not."""
+    return TGD_TAGS[0] in key[0]
+
+
+@dataclass
+class Completion:
+    """One generated reply and whether it was cut by ``max_new_tokens`` (no natural end: no EOS,
+    and for an update call no closing tag)."""
+
+    text: str
+    truncated: bool = False
+
+
 class ChatEngine(EngineLM):
     """A TextGrad engine (``EngineLM``) over a chat model; subclasses implement ``_complete``.
 
-    ``calls`` counts the prompts actually generated (one per LLM call, batched or not)."""
+    ``calls`` counts the prompts actually generated (one per LLM call, batched or not);
+    ``last`` is the completion the latest call returned (``Update.step`` reads whether it was cut)."""
 
     def __init__(self, model_string: str, max_new_tokens: int, batch_size: int) -> None:
         self.model_string = model_string
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.calls = 0
+        self.last: Completion | None = None
         self._planning = False
-        self._replies: dict[Key, list[str]] = {}
+        self._replies: dict[Key, list[Completion]] = {}
 
     def generate(self, prompt: Any, system_prompt: str | None = None, **kwargs: Any) -> str:
         if not isinstance(prompt, str):
             raise Rosa2Error(f"the semantic stream's engine takes text prompts only, got {type(prompt).__name__}")
         key = (system_prompt or self.system_prompt, prompt)
         if self._replies.get(key):
-            return self._replies[key].pop(0)
-        if self._planning:
+            self.last = self._replies[key].pop(0)
+        elif self._planning:
             raise _Planned(key)
-        return self.complete([key])[0]
+        else:
+            self.last = self.complete([key])[0]
+        return self.last.text
 
     def __call__(self, prompt: Any, **kwargs: Any) -> str:  # EngineLM.__call__ returns None
         return self.generate(prompt, **kwargs)
 
-    def complete(self, keys: list[Key]) -> list[str]:
+    def complete(self, keys: list[Key]) -> list[Completion]:
         """Generate one reply per (system prompt, prompt), ``batch_size`` at a time."""
-        replies: list[str] = []
+        replies: list[Completion] = []
         for start in range(0, len(keys), self.batch_size):
             chunk = keys[start : start + self.batch_size]
             replies.extend(self._complete(chunk))
             self.calls += len(chunk)
         return replies
 
-    def _complete(self, keys: list[Key]) -> list[str]:
+    def _complete(self, keys: list[Key]) -> list[Completion]:
         raise NotImplementedError
 
     def run_batched(self, steps: list[Callable[[], T]]) -> list[T]:
@@ -151,8 +180,10 @@ class LocalEngine(ChatEngine):
 
     ``holder`` is anything with ``model``, ``tokenizer`` and ``device`` (a Policy, a LoadedModel),
     read at every call: the parametric stream replaces ``policy.model`` by a PeftModel after this
-    engine exists, and the critic must see that wrapper to switch its adapter off. Generation stops
-    at TextGrad's closing tag, so an update that follows the format costs no tokens after it.
+    engine exists, and the critic must see that wrapper to switch its adapter off. TGD's update
+    call is answered with ``<IMPROVED_VARIABLE>`` already at the start of the reply (appended after
+    the chat template's generation prompt) and generation stops at the closing tag, so the critic
+    writes only the new text and never fails on the format.
     ``prefixes`` serves the prompts' shared prefix from cache (None: every call prefills it all);
     the rest of the prompt is prefilled ``prefill_chunk`` tokens at a time, so the prefill's
     activations scale with the chunk, not with TextGrad's ~1k-token prompts (on CPU the peak RSS
@@ -186,10 +217,12 @@ class LocalEngine(ChatEngine):
             out = self.tokenizer.apply_chat_template(merged, add_generation_prompt=True, return_dict=True)
         return list(out["input_ids"])
 
-    def _complete(self, keys: list[Key]) -> list[str]:
+    def _complete(self, keys: list[Key]) -> list[Completion]:
         import torch
 
-        rows = [self._chat_ids(system, prompt) for system, prompt in keys]
+        opening = self.tokenizer(TGD_TAGS[0], add_special_tokens=False)["input_ids"]
+        prefilled = [is_update_call(key) for key in keys]
+        rows = [self._chat_ids(system, prompt) + (opening if tagged else []) for (system, prompt), tagged in zip(keys, prefilled)]
         pad = self.tokenizer.pad_token_id
         device, model = self.holder.device, self.holder.model
         with torch.no_grad(), adapter_disabled(model):
@@ -217,16 +250,34 @@ class LocalEngine(ChatEngine):
         eos = self.tokenizer.eos_token_id
         stop = set(eos if isinstance(eos, list) else [eos]) | {pad}
         replies = []
-        for row in out[:, width:].tolist():
+        for row, tagged in zip(out[:, width:].tolist(), prefilled):
             end = next((i for i, tok in enumerate(row) if tok in stop), len(row))
-            replies.append(self.tokenizer.decode(row[:end], skip_special_tokens=True))
+            text = self.tokenizer.decode(row[:end], skip_special_tokens=True)
+            closed = TGD_TAGS[1] in text
+            cut = end >= self.max_new_tokens and not closed
+            replies.append(Completion(TGD_TAGS[0] + text if tagged else text, truncated=cut))
         return replies
 
 
-class OpenAIEngine(ChatEngine):
-    """An OpenAI-compatible chat endpoint (vLLM, TGI, a hosted API) as the critic. Greedy."""
+FORMAT_REMINDER = (
+    "Your reply did not follow the required format. Reply again with only the improved variable, "
+    f"between {TGD_TAGS[0]} and {TGD_TAGS[1]}, and nothing else."
+)
+# vLLM's OpenAI-compatible server constrains decoding to a regex through this extra body field
+GUIDED_REGEX = r"<IMPROVED_VARIABLE>[^<]*</IMPROVED_VARIABLE>"
 
-    def __init__(self, api_base: str, api_model: str, api_key_env: str, *, max_new_tokens: int, batch_size: int) -> None:
+
+class OpenAIEngine(ChatEngine):
+    """An OpenAI-compatible chat endpoint (vLLM, TGI, a hosted API) as the critic. Greedy.
+
+    An update-call reply without both tags gets one bounded re-ask: the same conversation plus
+    the reply and ``FORMAT_REMINDER``. ``guided=True`` also sends vLLM's ``guided_regex``
+    (``GUIDED_REGEX``) with update calls, so a vLLM server cannot answer outside the tags; servers
+    that do not know the field may reject it, so it is off by default (``--semantic-api-guided``)."""
+
+    def __init__(
+        self, api_base: str, api_model: str, api_key_env: str, *, max_new_tokens: int, batch_size: int, guided: bool = False
+    ) -> None:
         from openai import OpenAI
 
         super().__init__(api_model, max_new_tokens, batch_size)
@@ -237,17 +288,28 @@ class OpenAIEngine(ChatEngine):
                 "(any value for an endpoint that needs none) or choose another variable with api_key_env"
             )
         self.client = OpenAI(base_url=api_base, api_key=key)
+        self.guided = guided
+        self.reasks = 0
 
-    def _complete(self, keys: list[Key]) -> list[str]:
+    def _ask(self, messages: list[dict[str, str]], update: bool) -> Completion:
+        extra = {"extra_body": {"guided_regex": GUIDED_REGEX}} if update and self.guided else {}
+        response = self.client.chat.completions.create(
+            model=self.model_string, messages=messages, max_tokens=self.max_new_tokens, temperature=0, **extra,  # type: ignore[arg-type]
+        )
+        choice = response.choices[0]
+        return Completion(choice.message.content or "", truncated=choice.finish_reason == "length")
+
+    def _complete(self, keys: list[Key]) -> list[Completion]:
         replies = []
-        for system, prompt in keys:
-            response = self.client.chat.completions.create(
-                model=self.model_string,
-                messages=[{"role": "system", "content": system}, {"role": "user", "content": prompt}],
-                max_tokens=self.max_new_tokens,
-                temperature=0,
-            )
-            replies.append(response.choices[0].message.content or "")
+        for key in keys:
+            system, prompt = key
+            messages = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+            reply = self._ask(messages, is_update_call(key))
+            if is_update_call(key) and not all(tag in reply.text for tag in TGD_TAGS):
+                self.reasks += 1
+                messages += [{"role": "assistant", "content": reply.text}, {"role": "user", "content": FORMAT_REMINDER}]
+                reply = self._ask(messages, True)
+            replies.append(reply)
         return replies
 
 
@@ -286,18 +348,31 @@ class Update:
     engine: ChatEngine
 
     @classmethod
-    def build(cls, engine: ChatEngine, question: str, history: list[dict[str, str]], response: str, message: str) -> "Update":
-        x = Text(message, requires_grad=True, role_description=MESSAGE_ROLE if message.strip() else EMPTY_MESSAGE_ROLE)
-        inputs = {"problem": Text(question, requires_grad=False, role_description="the problem the user asked the assistant to solve")}
-        earlier = transcript(question, history)
+    def build(
+        cls, engine: ChatEngine, question: str, history: list[dict[str, str]], response: str, message: str,
+        system: str | None = None,
+    ) -> "Update":
+        """The graph for the user's next ``message`` (``system`` None), or for the ``system``
+        prompt (semantic.target = system; "" when there is none yet), the message then an input."""
+        problem = Text(question, requires_grad=False, role_description="the problem the user asked the assistant to solve")
+        inputs: dict[str, Text] = {"problem": problem}
+        if system is not None:
+            x = Text(system, requires_grad=True, role_description=SYSTEM_ROLE if system.strip() else EMPTY_SYSTEM_ROLE)
+            inputs = {"system_prompt": x, "problem": problem}
+        earlier = transcript(question, [m for m in history if m["role"] != "system"])
         if earlier:
             inputs["earlier_turns"] = Text(earlier, requires_grad=False, role_description="the conversation before the latest answer")
         inputs["rejected_answer"] = Text(response, requires_grad=False, role_description="the assistant's latest answer")
-        inputs["next_user_message"] = x
+        if system is None:
+            x = Text(message, requires_grad=True, role_description=MESSAGE_ROLE if message.strip() else EMPTY_MESSAGE_ROLE)
+            inputs["next_user_message"] = x
+        elif message.strip():
+            inputs["next_user_message"] = Text(message, requires_grad=False, role_description="the user's next message")
         loss = StringBasedFunction(_verdict, VERDICT_PURPOSE)(
             inputs=inputs, response_role_description="the user's verdict on the assistant's latest answer"
         )
-        optimizer = tg.TGD(parameters=[x], engine=engine, constraints=CONSTRAINTS)
+        constraints = CONSTRAINTS if system is None else SYSTEM_CONSTRAINTS
+        optimizer = tg.TGD(parameters=[x], engine=engine, constraints=constraints)
         return cls(message=x, loss=loss, optimizer=optimizer, engine=engine)
 
     def backward(self) -> None:
@@ -308,10 +383,12 @@ class Update:
     def critique(self) -> str:
         return self.message.get_gradient_text()
 
-    def step(self) -> str | None:
-        """LLM call 2: TGD applies the critique. None when the reply lacks TextGrad's tags."""
+    def step(self) -> "Completion":
+        """LLM call 2: TGD applies the critique. The text between the tags (TGD's own parsing), or
+        "" when the reply has no opening tag; ``truncated`` when the reply was cut before its end."""
         try:
             self.optimizer.step()
         except IndexError:
-            return None
-        return self.message.value
+            return Completion("", truncated=bool(self.engine.last and self.engine.last.truncated))
+        last = self.engine.last
+        return Completion(self.message.value, truncated=bool(last and last.truncated))
