@@ -1,6 +1,11 @@
-"""The ``ablation`` flow: baseline, textgrad, rosa, rosa2 and the Switch pair (switch-w2p@k,
-switch-p2w@k, k = 5 as in the paper) on one model and dataset, optionally across the parametric
-stream's ``update_context`` (DESIGN §2: 'generated' is the paper's reading, 'next' our variant)."""
+"""The ``ablation`` flow: baseline, textgrad, rosa, rosa2 and the Switch pair on one model and
+dataset, optionally across the parametric stream's ``update_context`` (DESIGN §2: 'generated' is
+the paper's reading, 'next' our variant).
+
+The defaults are the paper's motivation study (Sec. 2.1): T_max = 10, switch at k = 5. A Switch
+arm needs 2 <= k <= T_max - 1 (at k the new axis first acts on turn k + 1; no update follows the
+last turn), and the flow never rewrites k: a cell whose Switch could not switch is refused before
+anything runs, since it would silently duplicate a single-axis curve."""
 
 from __future__ import annotations
 
@@ -8,23 +13,26 @@ import dataclasses
 
 from prefect import flow
 
-from rosa2.config import SessionConfig, TrackingConfig
+from rosa2.config import ConfigError, SessionConfig, TrackingConfig
+from rosa2.session import uses_streams
 from tasks.cells import Cell
 from flows.experiment import GroupOutcome, run_group
 
+ABLATION_MAX_TURNS = 10
 ABLATION_METHODS = ("baseline", "textgrad", "rosa", "rosa2", "switch-w2p@5", "switch-p2w@5")
 
 
 def ablation_cells(base: Cell, methods: tuple[str, ...] = ABLATION_METHODS, update_contexts: tuple[str, ...] = ()) -> list[Cell]:
-    """One cell per method; a Switch turn beyond T_max is brought down to T_max (at least 2)."""
+    """One cell per method (× update context for methods with weights), each method checked
+    against the base cell's T_max: a Switch turn outside 2..T_max-1 is a ConfigError naming both."""
     cells = []
     for method in methods:
-        name, _, k = method.partition("@")
-        if k and not 2 <= int(k) <= base.session.max_turns:
-            method = f"{name}@{max(2, base.session.max_turns)}"
-        cell = base.replace(session=dataclasses.replace(base.session, method=method))
-        uses_weights = any(SessionConfig(method=method, max_turns=base.session.max_turns).streams_at(t)[1] for t in range(1, base.session.max_turns + 1))
-        contexts = update_contexts if uses_weights and update_contexts else (base.adapt.update_context,)
+        try:
+            session = dataclasses.replace(base.session, method=method)
+        except ConfigError as exc:
+            raise ConfigError(f"ablation: {exc}") from None
+        cell = base.replace(session=session)
+        contexts = update_contexts if uses_streams(session)[1] and update_contexts else (base.adapt.update_context,)
         cells += [cell.replace(adapt=dataclasses.replace(cell.adapt, update_context=c)) for c in contexts]
     return cells
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 
 from rosa2 import env
 from rosa2.config import (
-    AdaptConfig, DataConfig, GenerationConfig, ModelConfig, SandboxConfig, SemanticConfig, SessionConfig,
+    AdaptConfig, DataConfig, GenerationConfig, ModelConfig, RewardConfig, SandboxConfig, SemanticConfig, SessionConfig,
     TrackingConfig, flatten,
 )
 from rosa2.errors import Rosa2Error
@@ -52,6 +52,7 @@ class Cell:
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     semantic: SemanticConfig = field(default_factory=SemanticConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
 
     @property
     def method(self) -> str:

@@ -110,19 +110,19 @@ def engine_for(cell: Cell) -> Any:
 
     parallel = cell.session.parallel_sessions
     kind = "batched" if parallel > 1 else "single"
-    key = kind + "-" + digest(flatten(model=cell.model, generation=cell.generation, sandbox=cell.sandbox))
+    key = kind + "-" + digest(flatten(model=cell.model, generation=cell.generation, sandbox=cell.sandbox, reward=cell.reward))
     engine = _engines.get(key)
     if engine is None:
         if parallel > 1:
             from rosa2.batched import BatchedSessionEngine
 
             engine = BatchedSessionEngine(
-                cell.model, cell.session, cell.adapt, cell.semantic, cell.generation, cell.sandbox, batch_size=parallel
+                cell.model, cell.session, cell.adapt, cell.semantic, cell.generation, cell.sandbox, cell.reward, batch_size=parallel
             )
         else:
             from rosa2.session import SessionEngine
 
-            engine = SessionEngine(cell.model, cell.session, cell.adapt, cell.semantic, cell.generation, cell.sandbox)
+            engine = SessionEngine(cell.model, cell.session, cell.adapt, cell.semantic, cell.generation, cell.sandbox, cell.reward)
         _engines[key] = engine
         return engine
     engine = engine.with_session(cell.session, adapt=cell.adapt, semantic=cell.semantic)
@@ -224,7 +224,7 @@ def rescore_code(cell: Cell, problems: list[Problem], results: list[ProblemResul
         if problem is None or problem.domain != "code" or last is None or last.detail.get("outcome") != "sandbox_error":
             out.append(result)
             continue
-        environment = environment_for(problem, cell.session.feedback, cell.sandbox)
+        environment = environment_for(problem, cell.session.feedback, cell.sandbox, cell.reward)
         environment.reset(problem)
         step = environment.step(last.response, last.turn)
         if step.result.outcome == "sandbox_error":
