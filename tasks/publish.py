@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, TypeVar
 from prefect import task
 from prefect.cache_policies import NONE
 
-from rosa2 import report
+from rosa2 import metrics, report
 from rosa2.config import TrackingConfig
 from rosa2.errors import Rosa2Error
 from rosa2.records import ProblemResult
@@ -106,6 +106,9 @@ def log_cell_run(
         "rosa2.seed": cell.seed, "rosa2.fingerprint": dataset.fingerprint,
     })
     tracking.log_metrics(mc, run_id, summary)
+    cautions = metrics.warnings(summary, cell.method)
+    if cautions:  # an arm that is not what its name says, or answers that could not be scored: in the runs table
+        tracking.set_tags(mc, run_id, {"rosa2.warnings": " | ".join(cautions)[:4900]})
     tracking.log_summary_extras(mc, run_id, summary)  # per-problem outcomes: paired gains from MLflow
     tracking.log_results(mc, run_id, results)
     tracking.log_lineage(mc, run_id, dataset.name, dataset.fingerprint, dataset.snapshot, cell.data.dataset)
