@@ -3,6 +3,12 @@ ablation, sweep and ``rosa2 run`` share (a parent run with one child per cell).
 
 Resumable by construction: the cell key finds a finished MLflow run (skip) or an unfinished one
 (resume into it); finished problems come from the local store; nothing is uploaded twice.
+
+Honest ends: a cell (and a parent) is claimed by its key for as long as it runs
+(:func:`tasks.cells.claim`, a flock under the project home), so a second ``rosa2 run`` of it waits,
+saying who holds it, then finds it finished; a claim whose holder died (``kill -9``) gets its
+Prefect flow run marked Crashed by the next holder. A run the flow does not finish ends FAILED
+(with the error as a tag) or KILLED (Ctrl-C, SIGTERM), never RUNNING (:func:`tasks.tracking.ends_honestly`).
 """
 
 from __future__ import annotations
@@ -12,11 +18,12 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from rosa2 import metrics
 from rosa2.config import TrackingConfig
 from rosa2.report import CellSummary
 from tasks import publish, sessions
 from tasks import tracking as tr
-from tasks.cells import Cell, ResultStore, digest
+from tasks.cells import Cell, ResultStore, claim, digest
 
 
 @dataclass
@@ -47,6 +54,47 @@ def flow_run_url() -> str | None:
     return flow_run.ui_url
 
 
+def flow_run_id() -> str | None:
+    from prefect.runtime import flow_run
+
+    return flow_run.id
+
+
+def _say(message: str) -> None:
+    """A claim we wait for: on the console whatever the log level, and in the flow run's logs."""
+    import sys
+
+    print(f"rosa2: {message}", file=sys.stderr, flush=True)
+    get_run_logger().warning(message)
+
+
+def crash_abandoned(previous: dict[str, Any], what: str, key: str) -> str | None:
+    """The previous holder of the claim on ``key`` died holding it (``kill -9``, a lost machine):
+    its Prefect flow run would stay RUNNING for good. Mark it Crashed; return its id (None when
+    there was nothing to close). Best effort: Prefect unreachable leaves it as it was."""
+    abandoned = previous.get("flow_run_id")
+    if not abandoned or abandoned == flow_run_id():
+        return None
+    try:
+        from prefect import get_client
+        from prefect.states import Crashed
+
+        with get_client(sync_client=True) as pc:
+            state = pc.read_flow_run(abandoned).state
+            if state is not None and state.is_final():
+                return None
+            message = (
+                f"process {previous.get('pid')} on {previous.get('host')} ended without finishing {what} {key} "
+                f"(killed); taken over by flow run {flow_run_id()}"
+            )
+            pc.set_flow_run_state(abandoned, Crashed(message=message), force=True)
+        get_run_logger().warning("flow run %s of %s %s was abandoned by its process: marked Crashed", abandoned, what, key)
+        return abandoned
+    except Exception as exc:  # noqa: BLE001 - closing someone else's leftovers must not stop this run
+        get_run_logger().warning("could not mark the abandoned flow run %s Crashed: %s", abandoned, exc)
+        return None
+
+
 def _summary_from_tracking(tracking: TrackingConfig, cell: Cell, run_id: str) -> CellSummary:
     mc = tr.client(tracking)
     return publish.cell_summary(cell, tr.summary_from_run(mc, mc.get_run(run_id)), run_id)
@@ -58,17 +106,22 @@ def experiment(cell: Cell, tracking: TrackingConfig, parent_run_id: str | None =
     store = ResultStore()
     dataset = sessions.prepare_dataset(cell.data)
     key = cell.key(dataset.fingerprint)
-    run = publish.open_cell(tracking, cell, key, parent_run_id)
-    if run.complete:
-        get_run_logger().info("cell %s already finished in %s: skipped", key, run.url)
-        summary = _summary_from_tracking(tracking, cell, run.run_id)
-        return CellOutcome(cell.name(), key, run.run_id, run.url, True, summary, flow_run_url())
-    with publish.killed_on_interrupt(tracking, run.run_id):
-        with tr.system_metrics(run.run_id):  # GPU utilisation and memory, on GPU hosts only
-            results = sessions.run_sessions(cell, dataset.problems, store, tracking.adapters, progress)
-        results = sessions.evaluate_code(cell, dataset.problems, results, store)
-        summary = sessions.aggregate(results, cell.session.max_turns)
-        publish.log_cell(tracking, run.run_id, cell, key, dataset, results, summary, store)
+    # one process at a time per cell: a second run of it waits here, then finds it finished
+    with claim(key, "cell", on_wait=_say, flow_run_id=flow_run_id()) as previous:
+        crash_abandoned(previous, "cell", key)
+        run = publish.open_cell(tracking, cell, key, parent_run_id)
+        if run.complete:
+            get_run_logger().info("cell %s already finished in %s: skipped", key, run.url)
+            summary = _summary_from_tracking(tracking, cell, run.run_id)
+            return CellOutcome(cell.name(), key, run.run_id, run.url, True, summary, flow_run_url())
+        with tr.ends_honestly(tracking, run.run_id):  # FAILED / KILLED, never left RUNNING
+            with tr.system_metrics(run.run_id):  # GPU utilisation and memory, on GPU hosts only
+                results = sessions.run_sessions(cell, dataset.problems, store, tracking.adapters, progress)
+            results = sessions.evaluate_code(cell, dataset.problems, results, store)
+            summary = sessions.aggregate(results, cell.session.max_turns)
+            for caution in metrics.warnings(summary, cell.method):  # on the Prefect server too, however quiet the console
+                get_run_logger().warning("%s: %s", cell.name(), caution)
+            publish.log_cell(tracking, run.run_id, cell, key, dataset, results, summary, store)
     outcome_summary = publish.cell_summary(cell, summary, run.run_id)
     return CellOutcome(cell.name(), key, run.run_id, run.url, False, outcome_summary, flow_run_url())
 
@@ -83,16 +136,19 @@ def run_group(cells: list[Cell], tracking: TrackingConfig, name: str, kind: str,
 
     ``scaleout`` (a :class:`flows.scaleout.ScaleoutConfig`) fans the cells out to a work pool or
     Ray first; the loop below then only gathers their summaries (finished cells are skipped)."""
-    parent = publish.open_group(tracking, group_key(kind, cells), name, kind)
-    if scaleout is not None and scaleout.runner != "local":
-        from flows import scaleout as fan_out
+    key = group_key(kind, cells)
+    with claim(key, kind, on_wait=_say, flow_run_id=flow_run_id()) as previous:
+        crash_abandoned(previous, kind, key)
+        parent = publish.open_group(tracking, key, name, kind)
+        with tr.ends_honestly(tracking, parent.run_id):  # a cell that fails or is killed ends its parent too
+            if scaleout is not None and scaleout.runner != "local":
+                from flows import scaleout as fan_out
 
-        fan_out.run([{"cell": c, "tracking": tracking, "parent_run_id": parent.run_id, "progress": False} for c in cells], scaleout)
-    with publish.killed_on_interrupt(tracking, parent.run_id):
-        outcomes = [experiment(cell, tracking, parent.run_id, progress) for cell in cells]
-    summaries = [o.summary for o in outcomes]
-    markdown = publish.publish_report(tracking, parent.run_id, summaries, name)
-    publish.close_group(tracking, parent.run_id)
+                fan_out.run([{"cell": c, "tracking": tracking, "parent_run_id": parent.run_id, "progress": False} for c in cells], scaleout)
+            outcomes = [experiment(cell, tracking, parent.run_id, progress) for cell in cells]
+            summaries = [o.summary for o in outcomes]
+            markdown = publish.publish_report(tracking, parent.run_id, summaries, name)
+            publish.close_group(tracking, parent.run_id)
     return GroupOutcome(name, parent.run_id, parent.url, outcomes, markdown, flow_run_url())
 
 

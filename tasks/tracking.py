@@ -35,6 +35,8 @@ TAG_PARENT_KEY = "rosa2.parent_key"
 TAG_COMPLETE = "rosa2.complete"
 TAG_KIND = "rosa2.kind"  # cell | sweep | ablation | report
 TAG_PARENT = "mlflow.parentRunId"
+TAG_ERROR = "rosa2.error"  # FAILED runs: the error's type and first line
+TAG_ENDED_BY = "rosa2.ended_by"  # KILLED runs: SIGTERM, Ctrl-C...
 RESULTS_FILE = "results.jsonl"
 SUMMARY_EXTRAS_FILE = "summary_extras.json"  # summary entries that are no metric (per-problem outcomes)
 FINAL_METRICS = ("accuracy", "correction_uplift", "avg_turn", "avg_time_s", "peak_memory_mb")
@@ -83,16 +85,71 @@ def is_complete(run: Any) -> bool:
 
 
 def open_run(mc: Any, exp_id: str, tag: str, key: str, name: str, kind: str, parent_run_id: str | None = None) -> tuple[Any, bool]:
-    """(run, created): the run for ``key``, created with its tags in one call when none exists."""
+    """(run, created): the run for ``key``, created with its tags in one call when none exists.
+
+    Finding and creating are two calls: callers that may race on one key hold its claim
+    (:func:`tasks.cells.claim`, as the experiment flow does), or two runs can appear."""
     run = find_run(mc, exp_id, tag, key)
     if run is not None:
-        if run.info.status != "RUNNING":
-            mc.update_run(run.info.run_id, status="RUNNING")
+        _resume(mc, run)
         return run, False
     tags = {tag: key, TAG_KIND: kind}
     if parent_run_id:
         tags[TAG_PARENT] = parent_run_id
     return mc.create_run(exp_id, tags=tags, run_name=name), True
+
+
+def _resume(mc: Any, run: Any) -> None:
+    """A found run is running again; what its last attempt left (error tags) no longer applies."""
+    if run.info.status != "RUNNING":
+        mc.update_run(run.info.run_id, status="RUNNING")
+    for stale in (TAG_ERROR, TAG_ENDED_BY):
+        if stale in run.data.tags:
+            mc.delete_tag(run.info.run_id, stale)
+
+
+def first_line(exc: BaseException, limit: int = 500) -> str:
+    """``Type: first line of the message`` (what a run's error tag shows in the runs table)."""
+    text = str(exc).strip().splitlines()
+    line = f"{type(exc).__name__}: {text[0]}" if text and text[0] else type(exc).__name__
+    return line[:limit]
+
+
+def _ended(cfg: TrackingConfig, run_id: str, status: str, tags: dict[str, str]) -> None:
+    try:
+        mc = client(cfg)
+        set_tags(mc, run_id, tags)
+        mc.set_terminated(run_id, status)
+    except Exception:  # noqa: BLE001 - best effort: the error that ended the run is what the user must see
+        pass
+
+
+@contextmanager
+def ends_honestly(cfg: TrackingConfig, run_id: str) -> Iterator[None]:
+    """A run that the block does not finish never stays RUNNING.
+
+    - an error: FAILED, with ``rosa2.error`` = the error's type and first line;
+    - Ctrl-C, SIGTERM (which Prefect turns into its ``TerminationSignal`` inside a flow, a
+      ``BaseException`` that ``except KeyboardInterrupt`` misses), ``SystemExit``: KILLED, with
+      ``rosa2.ended_by`` saying which.
+
+    The exception goes on. The rerun resumes the run (``open_run`` sets it RUNNING again and drops
+    the tags); finished problems come from the local store. A tracking server that cannot be
+    reached is not written to (its own error says where the results are kept)."""
+    try:
+        yield
+    except TrackingError as exc:
+        if not getattr(exc, "infrastructure", False):
+            _ended(cfg, run_id, "FAILED", {TAG_ERROR: first_line(exc)})
+        raise
+    except Exception as exc:
+        _ended(cfg, run_id, "FAILED", {TAG_ERROR: first_line(exc)})
+        raise
+    except BaseException as exc:
+        name = type(exc).__name__
+        how = "SIGTERM" if name == "TerminationSignal" else "Ctrl-C or SIGTERM" if name == "KeyboardInterrupt" else name
+        _ended(cfg, run_id, "KILLED", {TAG_ENDED_BY: how})
+        raise
 
 
 def _finite(value: Any) -> float:

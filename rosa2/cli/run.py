@@ -15,7 +15,7 @@ import os
 from typing import Any
 
 from rosa2.config import (
-    BASE_METHODS, AdaptConfig, DataConfig, GenerationConfig, ModelConfig, SandboxConfig, SemanticConfig, SessionConfig,
+    BASE_METHODS, AdaptConfig, DataConfig, GenerationConfig, ModelConfig, RewardConfig, SandboxConfig, SemanticConfig, SessionConfig,
     TrackingConfig, add_arguments, from_args,
 )
 
@@ -27,16 +27,21 @@ DEFAULT_TOKENS = {"max_new_tokens": 64}
 DEFAULT_CRITIC_TOKENS = {"max_new_tokens": 64}
 
 
-def add_cell_arguments(parser: argparse.ArgumentParser, methods: bool = True) -> None:
-    """Every config field as an option (the same help text as the MLflow params)."""
+def add_cell_arguments(
+    parser: argparse.ArgumentParser, methods: bool = True, *,
+    default_methods: tuple[str, ...] = BASE_METHODS, max_turns: int = DEFAULT_MAX_TURNS,
+) -> None:
+    """Every config field as an option (the same help text as the MLflow params); a command gives
+    its own default methods and T_max, which ``--help`` shows."""
     if methods:
         parser.add_argument(
             "--method", dest="methods", action="extend", nargs="+", metavar="M",
-            help=f"methods to run, one cell each (default: {' '.join(BASE_METHODS)}); "
-            "baseline | textgrad | rosa | rosa2 | switch-w2p@k | switch-p2w@k",
+            help=f"methods to run, one cell each (default: {' '.join(default_methods)}); "
+            "baseline | textgrad | rosa | rosa2 | switch-w2p@k | switch-p2w@k (2 <= k <= T_max - 1: "
+            "the new axis first acts on turn k + 1)",
         )
     parser.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help=f"problems per cell (default: {DEFAULT_LIMIT})")
-    parser.add_argument("--max-turns", type=int, default=DEFAULT_MAX_TURNS, help=f"T_max, turns per problem (default: {DEFAULT_MAX_TURNS})")
+    parser.add_argument("--max-turns", type=int, default=max_turns, help=f"T_max, turns per problem (default: {max_turns})")
     add_arguments(parser, ModelConfig, prefix="model_", aliases={"name": "--model"})
     add_arguments(parser, DataConfig, skip=("limit",))
     add_arguments(parser, SessionConfig, skip=("method", "max_turns"))
@@ -44,6 +49,7 @@ def add_cell_arguments(parser: argparse.ArgumentParser, methods: bool = True) ->
     add_arguments(parser, AdaptConfig)
     add_arguments(parser, SemanticConfig, prefix="semantic_", defaults=DEFAULT_CRITIC_TOKENS)
     add_arguments(parser, SandboxConfig, prefix="sandbox_")
+    add_arguments(parser, RewardConfig, prefix="reward_")
     add_tracking_arguments(parser)
 
 
@@ -65,13 +71,59 @@ def base_cell(args: argparse.Namespace, method: str = "rosa2") -> Any:
         adapt=from_args(AdaptConfig, args),
         semantic=from_args(SemanticConfig, args, prefix="semantic_"),
         sandbox=from_args(SandboxConfig, args, prefix="sandbox_"),
+        reward=from_args(RewardConfig, args, prefix="reward_"),
     )
 
 
-def prepare_platform(tracking: TrackingConfig, verbose: bool = False) -> Any:
-    """Check both servers (one message naming what is down); a context that points Prefect at ours."""
+def check_inputs(cells: Any, where: str = "") -> None:
+    """Resolve every cell's model and dataset before any flow or MLflow run starts, so that a bad
+    path is one line (and exit 2) with nothing logged anywhere, not a Prefect traceback and a run
+    left behind. Local models must be transformers directories; local and embedded datasets are
+    read in full (every row checked). Hub ids are only checked for form: they are fetched, and any
+    failure recorded on the run (FAILED, with the error as a tag), inside the cell."""
+    from rosa2 import models
+    from rosa2.data import check
+    from rosa2.errors import Rosa2Error
+
+    prefix = f"{where}: " if where else ""
+    done: set[Any] = set()
+    for cell in cells:
+        for what, key, probe in (("model", cell.model.name, lambda c=cell: _check_model(c.model.name)),
+                                 ("dataset", (cell.data.dataset, cell.data.split), lambda c=cell: check(c.data))):
+            if (what, key) in done:
+                continue
+            done.add((what, key))
+            try:
+                probe()
+            except Rosa2Error as exc:
+                raise type(exc)(f"{prefix}{exc}") from None
+
+
+def _check_model(name: str) -> None:
+    """A model name resolves; a local directory's config and tokenizer load (seconds, no weights)."""
+    from pathlib import Path
+
+    from rosa2 import models
+
+    source = models.resolve(name)
+    if not Path(source).is_dir() or name in models.EMBEDDED_ALIASES:
+        return  # a hub id (fetched inside the cell) or the embedded model (checked by its manifest)
+    try:
+        from transformers import AutoConfig, AutoTokenizer
+
+        AutoConfig.from_pretrained(source)
+        AutoTokenizer.from_pretrained(source)
+    except Exception as exc:  # noqa: BLE001 - whatever transformers raises for a broken directory
+        detail = " ".join(str(exc).split())[:300]
+        raise models.ModelError(f"model directory {source} cannot be loaded ({type(exc).__name__}: {detail})") from None
+
+
+def prepare_platform(tracking: TrackingConfig, verbose: bool = False, cells: Any = ()) -> Any:
+    """Check the cells' inputs (:func:`check_inputs`), then both servers (one message naming what is
+    down); a context that points Prefect at ours."""
     from rosa2 import stack
 
+    check_inputs(cells)
     stack.require(tracking)
     os.environ["MLFLOW_TRACKING_URI"] = tracking.mlflow_uri
     if not verbose:
@@ -124,7 +176,7 @@ def run_cells(args: argparse.Namespace) -> tuple[list[str], list[Any]]:
 def cmd(args: argparse.Namespace) -> int:
     tracking = from_args(TrackingConfig, args)
     methods, cells = run_cells(args)
-    with prepare_platform(tracking, args.verbose):
+    with prepare_platform(tracking, args.verbose, cells):
         from flows.experiment import cells_flow, experiment
 
         if len(cells) == 1:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from rosa2.config import TrackingConfig, from_args
-from rosa2.cli.run import add_tracking_arguments, prepare_platform, print_outcome
+from rosa2.cli.run import add_tracking_arguments, check_inputs, prepare_platform, print_outcome
 
 
 def cmd(args: argparse.Namespace) -> int:
@@ -21,6 +21,7 @@ def cmd(args: argparse.Namespace) -> int:
             print(f"{args.file}: {note}")
         print(f"{args.file}: {len(spec.cells())} cells, study {tracking.study!r}")
         return 0
+    check_inputs(spec.cells(), args.file)  # every model and dataset of the grid, before any run starts
     with prepare_platform(tracking, args.verbose):
         outcome = sweep_module.sweep(spec, tracking, args.progress)
     print_outcome(outcome, tracking, args.json)

@@ -215,10 +215,31 @@ def load_problems(cfg: DataConfig) -> list[Problem]:
     return problems[: cfg.limit] if cfg.limit else problems
 
 
+def is_hub(dataset: str) -> bool:
+    """Whether ``dataset`` is read from the hub (known hub benchmarks, other ``owner/name`` ids)."""
+    spec = KNOWN.get(dataset.lower())
+    if spec is not None:
+        return spec.local is None
+    head, sep, tail = dataset.partition(":")
+    if sep and tail and (head.lower() in KNOWN or head.lower() in LAYOUTS):
+        return False
+    return not _is_path(dataset) and "/" in dataset
+
+
+def check(cfg: DataConfig) -> int | None:
+    """Resolve a dataset before any run starts: a local or embedded one is read in full (every row
+    checked: missing files, encodings, fields, ids), and its problem count returned; a hub one
+    cannot be checked without fetching it (None: it is read, and checked, inside the cell)."""
+    if is_hub(cfg.dataset):
+        _resolve(cfg.dataset, cfg.split)  # names and forms are still checked
+        return None
+    return len(load_problems(cfg))
+
+
 def fingerprint(problems: list[Problem]) -> str:
     """A stable 16-hex-digit hash of the problems in order (ids, prompts, golds, tests, metadata)."""
     blob = json.dumps([dataclasses.asdict(p) for p in problems], sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
-__all__ = ["KNOWN", "DatasetSpec", "fingerprint", "load_problems"]
+__all__ = ["KNOWN", "DatasetSpec", "check", "fingerprint", "is_hub", "load_problems"]
