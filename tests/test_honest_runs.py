@@ -199,7 +199,7 @@ def test_two_runs_of_one_cell_at_once_make_one_run_and_compute_each_problem_once
 
 def test_eight_openers_of_one_cell_key_under_its_claim_share_one_run(platform_servers, mc, tmp_path):
     """What the experiment flow does before it opens a cell's run; without the claim the eight
-    find-then-create calls race and make several runs (measured: 2-3 of 8)."""
+    find-then-create calls race and make several runs (measured: 8 runs of 8, three times of three)."""
     from tasks import publish
     from tasks.cells import Cell, claim
 

@@ -88,8 +88,11 @@ def check_inputs(cells: Any, where: str = "") -> None:
     prefix = f"{where}: " if where else ""
     done: set[Any] = set()
     for cell in cells:
-        for what, key, probe in (("model", cell.model.name, lambda c=cell: _check_model(c.model.name)),
-                                 ("dataset", (cell.data.dataset, cell.data.split), lambda c=cell: check(c.data))):
+        probes = [("model", cell.model.name, lambda c=cell: _check_model(c.model.name)),
+                  ("dataset", (cell.data.dataset, cell.data.split), lambda c=cell: check(c.data))]
+        if cell.semantic.critic not in ("base", "openai"):  # another model writes the critiques
+            probes.append(("model", cell.semantic.critic, lambda c=cell: _check_model(c.semantic.critic)))
+        for what, key, probe in probes:
             if (what, key) in done:
                 continue
             done.add((what, key))
