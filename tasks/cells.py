@@ -159,15 +159,20 @@ def claim(
     path = root / f"{key}.lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _try_lock(fd):
             holder = _read_claim(fd)
-            message = f"{what} {key} is being run by {_holder_text(holder)}"
-            if not wait:
-                raise CellBusy(f"{message}; wait for it to finish, or stop that process") from None
-            (on_wait or (lambda text: print(text, file=sys.stderr, flush=True)))(f"{message}: waiting for it to finish")
-            fcntl.flock(fd, fcntl.LOCK_EX)  # a signal (Ctrl-C, SIGTERM) still interrupts the wait
+            got = False
+            for _ in range(20):  # a holder that took the lock a moment ago is writing who it is (or just left)
+                if holder or (got := _try_lock(fd)):
+                    break
+                time.sleep(0.05)
+                holder = _read_claim(fd)
+            if not got:
+                message = f"{what} {key} is being run by {_holder_text(holder)}"
+                if not wait:
+                    raise CellBusy(f"{message}; wait for it to finish, or stop that process")
+                (on_wait or (lambda text: print(text, file=sys.stderr, flush=True)))(f"{message}: waiting for it to finish")
+                fcntl.flock(fd, fcntl.LOCK_EX)  # a signal (Ctrl-C, SIGTERM) still interrupts the wait
         previous = _read_claim(fd)
         record = {"pid": os.getpid(), "host": socket.gethostname(), "argv": sys.argv, "started": time.time(), "key": key, **details}
         _write_claim(fd, record)
@@ -177,6 +182,14 @@ def claim(
             os.ftruncate(fd, 0)  # finished: nothing for the next holder to clean up
     finally:
         os.close(fd)  # closing drops the flock
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
 
 
 def update_claim(key: str, home: Path | None = None, **details: Any) -> None:
