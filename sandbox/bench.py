@@ -34,17 +34,18 @@ def default_host_python() -> str:
     return "/usr/bin/python3" if Path("/usr/bin/python3").is_file() else sys.executable
 
 
-def host_evaluate(
-    program: str, tests: str | None, entry_point: str | None, timeout_s: float, python: str | None = None
-) -> tuple[str, float]:
-    """(outcome, seconds) of the harness in a bare host subprocess: no container, no limits.
+def host_run(
+    program: str, tests: str | None, entry_point: str | None, timeout_s: float, python: str | None = None, limit: int = 4000
+) -> tuple[dict[str, Any], float]:
+    """(the harness's result, seconds) in a bare host subprocess: no container, no limits, no
+    separate uids (the harness's host mode).
 
-    Trusted code only (the dataset's canonical solutions): it runs as this user, in a fresh
-    temporary folder that the harness empties and works in."""
+    Trusted code only (the dataset's canonical solutions, the unit tests' programs): it runs as
+    this user, in a fresh temporary folder that the harness empties and works in."""
     marker = "\x1e" + secrets.token_hex(16) + ":"
     with tempfile.TemporaryDirectory(prefix="rosa2-bench-") as scratch:
         payload = json.dumps(
-            {"program": program, "tests": tests, "entry_point": entry_point, "marker": marker, "limit": 4000, "scratch": [scratch]}
+            {"program": program, "tests": tests, "entry_point": entry_point, "marker": marker, "limit": limit, "scratch": [scratch]}
         )
         start = time.perf_counter()
         done = subprocess.run(
@@ -52,7 +53,17 @@ def host_evaluate(
         )
         seconds = time.perf_counter() - start
     line = done.stdout.decode("utf-8", "replace").rpartition(marker)[2]
-    return json.loads(line)["outcome"] if line.strip() else "error", seconds
+    result = json.loads(line) if line.strip() and done.returncode == 0 else {"outcome": "error", "error_text": done.stderr.decode("utf-8", "replace")[-2000:]}
+    result["output"] = done.stderr.decode("utf-8", "replace")
+    return result, seconds
+
+
+def host_evaluate(
+    program: str, tests: str | None, entry_point: str | None, timeout_s: float, python: str | None = None
+) -> tuple[str, float]:
+    """(outcome, seconds) of the harness in a bare host subprocess (``host_run``)."""
+    result, seconds = host_run(program, tests, entry_point, timeout_s, python)
+    return result["outcome"], seconds
 
 
 def measure(problems: list[Problem], cfg: SandboxConfig, host_python: str | None = None) -> dict[str, Any]:

@@ -1,12 +1,17 @@
 """A warm pool of hardened containers that runs model-written code (DESIGN §5).
 
-Every container: no network, user 65534, read-only root with a small tmpfs on /tmp, all
-capabilities dropped, no-new-privileges, pids / memory (= memswap) / CPU limits, and the label
-``rosa2.sandbox`` so nothing is left behind. Each evaluation is a fresh ``python3`` process
-started with ``docker exec``; the program and tests reach it on stdin (``put_archive`` is refused on
-a read-only root). The wall-clock limit is enforced from outside: on the deadline the whole
-container is killed and replaced. A container is also replaced after an OOM kill, a process
-left running, or any end without a result, so the next evaluation always starts clean.
+Every container: no network, read-only root with a small tmpfs on /tmp, every capability dropped
+but SETUID and SETGID (the harness needs them to give the judge and the candidate their own
+uids; no-new-privileges keeps any other process from gaining them), pids / memory (= memswap) /
+CPU limits, and the label ``rosa2.sandbox`` so nothing is left behind. Each evaluation is one
+``docker exec`` of sandbox/harness.py under uid 0 with ``--uids JUDGE CANDIDATE``: the candidate uid
+is new for every evaluation in a container, so nothing one sample starts or leaves can reach the
+next. The program and tests reach it on stdin (``put_archive`` is refused on a read-only root).
+The wall-clock limit is enforced from outside: on the deadline the whole container is killed and
+replaced. After every evaluation the host itself checks that only the container's init runs (the
+container's cgroup, or ``docker top`` when the engine is not local); a container is replaced
+after a timeout, an OOM kill, a process left running, a scratch or IPC residue, an exec that has
+not exited, or any end without a verdict.
 
 Outcomes: passed, failed, error, timeout, oom, syntax_error, and sandbox_error, which is the
 infrastructure failing (retried ``retries`` times, never scored as a model failure).
@@ -41,6 +46,10 @@ GRACE_S = 0.5  # after the result line, how long trailing output may still arriv
 ACQUIRE_TIMEOUT_S = 120.0
 # The container's only writable places, emptied before each evaluation so none sees another's files
 SCRATCH = ["/tmp", "/dev/shm", "/dev/mqueue"]
+JUDGE_UID = 2000  # runs the tests; never runs the program's code
+CANDIDATE_UID_BASE = 10000  # the n-th evaluation in a container runs the program as uid BASE + n
+UIDS_PER_CONTAINER = 50000  # then the container is replaced
+EXIT_WAIT_S = 1.0  # how long the exec may take to be reported finished after its stream ended
 
 
 class SandboxInfraError(Exception):
@@ -60,7 +69,7 @@ class Evaluation:
     seconds: float = 0.0
     attempts: int = 1
     recycled: bool = False  # the container was replaced after this evaluation
-    leftover_processes: int = 0  # processes the program left running (killed with their container)
+    leftover_processes: int = 0  # processes the program left running (killed, and the container replaced)
 
     @property
     def passed(self) -> bool:
@@ -99,6 +108,8 @@ class Sandbox:
         self._live: dict[str, Any] = {}  # id -> container, every one this pool started and not removed
         self._closed = False
         self._removals: list[threading.Thread] = []  # background removals of recycled containers
+        self._serial: dict[str, int] = {}  # container id -> evaluations run in it (its next candidate uid)
+        self._cgroups: dict[str, tuple[int, Path] | None] = {}  # container id -> (init pid, cgroup.procs)
         # host:pid says whether the owner still lives (``leftover_containers``); the token tells
         # apart the pools of one process
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
@@ -118,11 +129,12 @@ class Sandbox:
             command=["sleep", "infinity"],
             detach=True,
             network_mode="none",
-            user="65534:65534",
+            user="0:0",  # init (sleep) and the harness; the harness gives the tests and the program their own uids
             read_only=True,
             tmpfs={"/tmp": f"size={cfg.tmpfs_mb}m,mode=1777,nosuid,nodev,noexec"},
             shm_size=f"{cfg.tmpfs_mb}m",  # /dev/shm stays (multiprocessing locks need it), as small as /tmp
             cap_drop=["ALL"],
+            cap_add=["SETUID", "SETGID"],  # only uid 0's execs hold them; every uid the harness drops to has none
             security_opt=["no-new-privileges"],
             pids_limit=cfg.pids_limit,
             mem_limit=memory,
@@ -133,6 +145,8 @@ class Sandbox:
         )
         with self._lock:
             self._live[container.id] = container
+            self._serial[container.id] = 0
+        self._cgroups[container.id] = _cgroup_procs(container)
         return container
 
     def _acquire(self) -> Any:
@@ -185,6 +199,8 @@ class Sandbox:
     def _remove(self, container: Any) -> None:
         with self._lock:
             self._live.pop(container.id, None)
+            self._serial.pop(container.id, None)
+            self._cgroups.pop(container.id, None)
         try:
             container.remove(force=True)  # SIGKILL to every process in it, then delete
         except Exception:  # noqa: BLE001 - already gone; close() and `rosa2 sandbox clean` sweep the rest
@@ -194,6 +210,8 @@ class Sandbox:
         """Kill and remove in the background; the next ``_acquire`` starts a fresh one."""
         with self._lock:
             self._live.pop(container.id, None)  # frees the slot now, so a replacement can start
+            self._serial.pop(container.id, None)
+            self._cgroups.pop(container.id, None)
             self._removals = [t for t in self._removals if t.is_alive()]
             thread = threading.Thread(target=self._remove, args=(container,), daemon=True)
             self._removals.append(thread)
@@ -218,12 +236,11 @@ class Sandbox:
 
     # -- one evaluation -------------------------------------------------------------------
 
-    def _exec(self, container: Any, payload: bytes, marker: bytes, timeout_s: float) -> _Exec:
+    def _exec(self, container: Any, payload: bytes, marker: bytes, timeout_s: float, candidate_uid: int) -> _Exec:
         api = self._client.api
         start = time.monotonic()
-        exec_id = api.exec_create(
-            container.id, ["python3", "-I", "-c", HARNESS], stdin=True, user="65534:65534", workdir="/tmp"
-        )["Id"]
+        command = ["python3", "-I", "-c", HARNESS, "--uids", str(JUDGE_UID), str(candidate_uid)]
+        exec_id = api.exec_create(container.id, command, stdin=True, user="0:0", workdir="/tmp")["Id"]
         raw = api.exec_start(exec_id, socket=True)
         sock = getattr(raw, "_sock", raw)
         try:
@@ -241,12 +258,15 @@ class Sandbox:
             sock.close()
         exit_code = None
         if not timed_out:
-            for _ in range(20):  # the stream can end a moment before the exec is marked finished
+            deadline = time.monotonic() + EXIT_WAIT_S
+            while True:  # the stream can end a moment before the exec is marked finished
                 info = api.exec_inspect(exec_id)
                 if not info.get("Running"):
                     exit_code = info.get("ExitCode")
                     break
-                time.sleep(0.05)
+                if time.monotonic() > deadline:
+                    break  # still running: no verdict, and the container is replaced
+                time.sleep(0.005)
         parsed = None
         if result is not None:
             try:
@@ -315,6 +335,9 @@ class Sandbox:
 
     def _attempt(self, program: str, tests: str | None, entry_point: str | None, timeout_s: float) -> Evaluation:
         container = self._acquire()
+        with self._lock:
+            serial = self._serial.get(container.id, 0)
+            self._serial[container.id] = serial + 1
         marker = ("\x1e" + secrets.token_hex(16) + ":").encode()
         payload = json.dumps(
             {
@@ -324,7 +347,7 @@ class Sandbox:
             }
         ).encode()
         try:
-            run = self._exec(container, payload, marker, timeout_s)
+            run = self._exec(container, payload, marker, timeout_s, CANDIDATE_UID_BASE + serial)
         except Exception as exc:  # noqa: BLE001 - the engine or the container failed under us
             self._recycle(container)
             raise SandboxInfraError(f"{type(exc).__name__}: {exc}") from exc
@@ -335,34 +358,65 @@ class Sandbox:
             exit_code=run.exit_code,
             seconds=round(run.seconds, 4),
         )
-        result = run.result or {}
-        healthy = bool(result) and not run.timed_out and not result.get("leftover")
-        if run.timed_out:
-            evaluation.outcome = "timeout"
-            evaluation.error_text = f"Timed out: the program ran longer than {timeout_s:g} s and was killed."
-        elif result:
-            evaluation.outcome = result["outcome"]
-            evaluation.error_text = result.get("error_text", "")
-            evaluation.tests = result.get("tests", [])
-            evaluation.leftover_processes = len(result.get("leftover") or [])
+        # A verdict only from an exec that ended, with code 0, after writing a well-formed result.
+        result = run.result if isinstance(run.result, dict) else {}
+        finished = not run.timed_out and run.exit_code == 0
+        try:
+            if run.timed_out:
+                evaluation.outcome = "timeout"
+                evaluation.error_text = f"Timed out: the program ran longer than {timeout_s:g} s and was killed."
+            elif finished and result.get("outcome") in OUTCOMES and not result.get("infra"):
+                evaluation.outcome = result["outcome"]
+                evaluation.error_text = str(result.get("error_text", ""))
+                evaluation.tests = result.get("tests", []) if isinstance(result.get("tests"), list) else []
+                evaluation.leftover_processes = len(result.get("leftover") or [])
+            elif finished and result.get("infra"):
+                raise SandboxInfraError(f"the harness reported: {str(result['infra'])[:500]}")
+            else:
+                evaluation.outcome, evaluation.error_text = self._no_verdict(container, run)
+            # A child killed for memory while the harness lived on leaves the count raised: still an OOM.
+            if finished and result.get("oom_kills"):
+                evaluation.outcome = "oom"
+                evaluation.error_text = _oom_text(self.cfg.memory_mb)
+        except SandboxInfraError:
+            self._recycle(container)
+            raise
+        reusable = (
+            finished
+            and evaluation.outcome != "oom"
+            and result.get("clean") is True
+            and not result.get("leftover")
+            and serial + 1 < UIDS_PER_CONTAINER
+            and self._only_init_runs(container)  # the host's own look, not the harness's word
+        )
+        if reusable:
+            self._release(container)
         else:
-            evaluation.outcome, evaluation.error_text = self._no_result(container, run)
-        # A child killed for memory while the harness lived on leaves the count raised: still an OOM.
-        if result.get("oom_kills"):
-            evaluation.outcome = "oom"
-            evaluation.error_text = _oom_text(self.cfg.memory_mb)
-            healthy = False
-        if not healthy:
             self._recycle(container)
             evaluation.recycled = True
-        else:
-            self._release(container)
-        if evaluation.outcome not in OUTCOMES:
-            raise SandboxInfraError(f"harness reported unknown outcome {evaluation.outcome!r}")
         return evaluation
 
-    def _no_result(self, container: Any, run: _Exec) -> tuple[str, str]:
-        """The process ended without a result: killed for memory, by itself, or the engine failed."""
+    def _only_init_runs(self, container: Any) -> bool:
+        """Whether nothing but the container's init runs in it, as the host sees it: the pids in
+        its cgroup when the engine is local, else ``docker top``."""
+        found = self._cgroups.get(container.id)
+        if found is not None:
+            init, procs = found
+            try:
+                pids = procs.read_text().split()
+            except OSError:
+                pids = None
+            if pids is not None:
+                return pids == [str(init)]
+        try:
+            processes = container.top()["Processes"] or []
+        except Exception:  # noqa: BLE001 - no answer: do not reuse it
+            return False
+        return len(processes) == 1
+
+    def _no_verdict(self, container: Any, run: _Exec) -> tuple[str, str]:
+        """The exec ended without a verdict (no result, an exit code other than 0, or not ended):
+        killed for memory, the engine failed (retried), or else ``error``. Never the output's word."""
         try:
             container.reload()
             running = container.status == "running"
@@ -375,9 +429,9 @@ class Sandbox:
         if not running:
             raise SandboxInfraError(f"container stopped during the evaluation (exit code {run.exit_code})")
         if run.exit_code is None:
-            raise SandboxInfraError("the exec ended without an exit code")
+            return "error", "The evaluation did not end after its output did; no verdict was taken from it."
         how = f"was killed by signal {run.exit_code - 128}" if run.exit_code > 128 else f"exited with code {run.exit_code}"
-        return "error", f"The program's process {how} before the tests finished."
+        return "error", f"The sandbox's harness {how} before giving a verdict; none was taken from its output."
 
     def run(
         self, program: str, tests: str | None = None, entry_point: str | None = None, timeout_s: float | None = None
@@ -433,6 +487,30 @@ def _result_line(stream: bytearray | bytes, marker: bytes) -> bytes | None:
         return None
     end = stream.find(b"\n", at)
     return None if end < 0 else bytes(stream[at + len(marker) : end])
+
+
+def _cgroup_procs(container: Any) -> tuple[int, Path] | None:
+    """(init's host pid, the container's cgroup.procs) when the engine runs on this host, else None."""
+    try:
+        container.reload()
+        init = int(container.attrs["State"]["Pid"])
+        lines = Path(f"/proc/{init}/cgroup").read_text().splitlines()
+    except Exception:  # noqa: BLE001 - a remote engine, or no /proc: use docker top
+        return None
+    candidates = []
+    for line in lines:
+        hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if "pids" in controllers.split(","):
+            candidates.append(Path("/sys/fs/cgroup/pids") / path.lstrip("/") / "cgroup.procs")
+        elif hierarchy == "0":
+            candidates += [Path("/sys/fs/cgroup") / path.lstrip("/") / "cgroup.procs", Path("/sys/fs/cgroup/unified") / path.lstrip("/") / "cgroup.procs"]
+    for procs in candidates:
+        try:
+            if str(init) in procs.read_text().split():
+                return init, procs
+        except OSError:
+            continue
+    return None
 
 
 def _oom_text(memory_mb: int) -> str:

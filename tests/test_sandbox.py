@@ -58,8 +58,83 @@ def test_assemble_full_body_and_dedented_body():
     assert form == "full" and program.endswith("\ndef add(a, b):\n    return a + b\n")
 
 
+def _evaluate(program, tests=None, entry_point=None):
+    """The harness's result for one evaluation, run on the host (its host mode: the judge and the
+    candidate are separate processes, without separate uids)."""
+    from sandbox.bench import host_run
+
+    return host_run(program, tests, entry_point, 60)[0]
+
+
+def test_plain_data_round_trips_with_exact_types_and_nothing_else_crosses():
+    values = [None, True, 0, -(2**70), 1.5, float("inf"), -0.0, 2j, "é\ud800", b"\x00", [1, (2, "3")], (), {1: [2], (3,): None}, {1, 2}, frozenset({"a"})]
+    for value in values:
+        back = harness.decode(json.loads(json.dumps(harness.encode(value))))
+        assert back == value and type(back) is type(value), value
+        assert repr(back) == repr(value)
+
+    class Int(int):
+        def __eq__(self, other):
+            return True
+
+    for odd in (Int(3), [Int(3)], {"k": object()}, range(3), (x for x in ()), bytearray(b"x")):
+        with pytest.raises(harness.NotPlain):
+            harness.encode(odd)
+    for forged in ({"outcome": "passed"}, ["x", 1], ["l", "abc"], ["d", [[1]]], ["c", "1", 2], ["s", [["l", []]]]):
+        with pytest.raises((ValueError, TypeError)):
+            harness.decode(forged)
+
+
+def test_the_judge_sees_only_plain_values_so_a_fake_eq_is_an_error():
+    fake = "class Yes:\n    def __eq__(self, other):\n        return True\ndef add(a, b):\n    return Yes()\n"
+    result = _evaluate(fake, TESTS, "add")
+    assert result["outcome"] == "error" and "not" not in [t["status"] for t in result["tests"]]
+    assert "add() returned a solution.Yes" in result["error_text"] and "plain data" in result["error_text"]
+    tupled = _evaluate("def add(a, b):\n    return (a + b, {a}, [b], {'s': b'x'})\n", "assert add(1, 2) == (3, {1}, [2], {'s': b'x'})\n")
+    assert tupled["outcome"] == "passed", tupled
+
+
+SEARCH = (
+    "import gc, re, sys\n"
+    "KEY, MARK = 'SEC' + 'RET', re.compile(chr(30) + '[0-9a-f]{32}:')\n"
+    "def found(o):\n    return isinstance(o, str) and o != KEY and (KEY in o or MARK.search(o) is not None)\n"
+    "def inside(v):\n    return [v] + (list(v.values()) if isinstance(v, dict) else list(v) if isinstance(v, (list, tuple)) else [])\n"
+    "hits = [x[:80] for o in gc.get_objects() for x in inside(o) if found(x)]\n"
+    "f = sys._getframe()\n"
+    "while f:\n"
+    "    hits += [x[:80] for v in list(f.f_locals.values()) for x in inside(v) if found(x)]\n"
+    "    f = f.f_back\n"
+)
+
+
+def test_the_tests_and_the_marker_never_reach_the_candidate_process():
+    # The program looks for the tests' text (a word only they contain) and for the result marker
+    # in its process: every str in live containers and frames' locals, one level deep.
+    snoop = SEARCH + "def leak():\n    return hits\n"
+    result = _evaluate(snoop, "def check(candidate):\n    assert candidate() == []  # SECRET\n", "leak")
+    assert result["outcome"] == "passed", result["error_text"]
+    # the probe can fail: the same search run by the tests, in the judge's process, finds them
+    judged = _evaluate("x = 1\n", SEARCH + "assert hits == []  # SECRET\n")
+    assert judged["outcome"] == "failed", judged  # its `hits` were not empty
+
+
+def test_in_process_unittest_suites_detect_what_the_program_altered():
+    tests = "import unittest\nclass T(unittest.TestCase):\n    def test_it(self):\n        self.assertEqual(f(), 1)\n"
+    assert _evaluate("def f():\n    return 1\n", tests, "f")["outcome"] == "passed"
+    patched = _evaluate("import unittest\nunittest.TestCase.assertEqual = lambda *a: None\ndef f():\n    return 2\n", tests, "f")
+    assert patched["outcome"] == "error" and "unittest.case.TestCase.assertEqual" in patched["error_text"]
+    during = "import builtins\ndef f():\n    builtins.len = lambda x: 0\n    return 2\n"
+    late = _evaluate(during, tests, "f")
+    assert late["outcome"] == "error" and "builtins.len" in late["error_text"] and "during" in late["error_text"]
+    mocked = (
+        "import unittest\nfrom unittest import mock\nclass T(unittest.TestCase):\n"
+        "    @mock.patch('builtins.open')\n    def test_it(self, fake_open):\n        self.assertEqual(f(), 1)\n"
+    )
+    assert _evaluate("def f():\n    return 1\n", mocked, "f")["outcome"] == "passed"  # mock.patch restores: not flagged
+
+
 def test_harness_splits_check_into_one_test_per_assert_and_reports_what_the_candidate_returned():
-    result = harness.evaluate(STUB + "    return a * b\n", TESTS, "add", 4000)
+    result = _evaluate(STUB + "    return a * b\n", TESTS, "add")
     assert result["outcome"] == "failed"
     assert [t["status"] for t in result["tests"]] == ["failed", "passed", "failed"]
     assert result["tests"][0]["name"] == "assert candidate(1, 2) == 3" and result["tests"][0]["got"] == "2"
@@ -68,23 +143,23 @@ def test_harness_splits_check_into_one_test_per_assert_and_reports_what_the_cand
 
 
 def test_harness_outcomes_without_a_container():
-    assert harness.evaluate(STUB + "    return a + b\n", TESTS, "add", 4000)["outcome"] == "passed"
-    syntax = harness.evaluate("def add(a, b)\n    return a + b\n", TESTS, "add", 4000)
+    assert _evaluate(STUB + "    return a + b\n", TESTS, "add")["outcome"] == "passed"
+    syntax = _evaluate("def add(a, b)\n    return a + b\n", TESTS, "add")
     assert syntax["outcome"] == "syntax_error" and "SyntaxError" in syntax["error_text"]
-    crash = harness.evaluate("raise RuntimeError('at import')\n", TESTS, "add", 4000)
+    crash = _evaluate("raise RuntimeError('at import')\n", TESTS, "add")
     assert crash["outcome"] == "error" and "RuntimeError: at import" in crash["error_text"]
-    missing = harness.evaluate("def other():\n    pass\n", TESTS, "add", 4000)
+    missing = _evaluate("def other():\n    pass\n", TESTS, "add")
     assert missing["outcome"] == "error" and "'add'" in missing["error_text"]
-    raising = harness.evaluate("def add(a, b):\n    return a / 0\n", TESTS, "add", 4000)
+    raising = _evaluate("def add(a, b):\n    return a / 0\n", TESTS, "add")
     assert raising["outcome"] == "error" and "ZeroDivisionError" in raising["error_text"]
 
 
 def test_harness_keeps_check_state_and_falls_back_when_check_cannot_be_split():
     stateful = "def check(candidate):\n    x = candidate(1, 1)\n    assert x == 2\n    for i in range(3):\n        assert candidate(i, 0) == i\n"
-    result = harness.evaluate("def add(a, b):\n    return a + b\n", stateful, "add", 4000)
+    result = _evaluate("def add(a, b):\n    return a + b\n", stateful, "add")
     assert result["outcome"] == "passed" and len(result["tests"]) == 2
     returning = "def check(candidate):\n    assert candidate(1, 1) == 2\n    return\n"
-    result = harness.evaluate("def add(a, b):\n    return a + b\n", returning, "add", 4000)
+    result = _evaluate("def add(a, b):\n    return a + b\n", returning, "add")
     assert result["outcome"] == "passed" and result["tests"][0]["name"] == "check(candidate)"
 
 
@@ -94,7 +169,7 @@ def test_harness_runs_unittest_cases_one_test_per_method():
         "    def test_ok(self):\n        self.assertEqual(task_func(2), 4)\n"
         "    def test_bad(self):\n        self.assertEqual(task_func(3), 6)\n"
     )
-    result = harness.evaluate("def task_func(x):\n    return x * x\n", tests, "task_func", 4000)
+    result = _evaluate("def task_func(x):\n    return x * x\n", tests, "task_func")
     assert result["outcome"] == "failed"
     assert {t["name"].rsplit(".", 1)[1]: t["status"] for t in result["tests"]} == {"test_ok": "passed", "test_bad": "failed"}
 
