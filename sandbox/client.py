@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from rosa2.config import SandboxConfig
+from sandbox.harness import RELAY
 from sandbox.image import LABEL, SandboxError, docker_client, image_exists
 
 OUTCOMES = ("passed", "failed", "error", "timeout", "oom", "syntax_error", "sandbox_error")
@@ -126,7 +127,7 @@ class Sandbox:
         memory = f"{cfg.memory_mb}m"
         container = self._client.containers.run(
             cfg.image,
-            command=["sleep", "infinity"],
+            command=["python3", "-I", "-c", HARNESS, "--zygote"],  # init: forks one session per evaluation
             detach=True,
             network_mode="none",
             user="0:0",  # init (sleep) and the harness; the harness gives the tests and the program their own uids
@@ -239,7 +240,8 @@ class Sandbox:
     def _exec(self, container: Any, payload: bytes, marker: bytes, timeout_s: float, candidate_uid: int) -> _Exec:
         api = self._client.api
         start = time.monotonic()
-        command = ["python3", "-I", "-c", HARNESS, "--uids", str(JUDGE_UID), str(candidate_uid)]
+        # The relay hands its stdio to the container's zygote, which forks the evaluation's warden.
+        command = ["python3", "-I", "-S", "-c", RELAY, "--uids", str(JUDGE_UID), str(candidate_uid)]
         exec_id = api.exec_create(container.id, command, stdin=True, user="0:0", workdir="/tmp")["Id"]
         raw = api.exec_start(exec_id, socket=True)
         sock = getattr(raw, "_sock", raw)

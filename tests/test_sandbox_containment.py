@@ -1,6 +1,6 @@
 """Hostile programs in the sandbox. Each must be contained, get the right outcome, and leave the
 pool working: the next evaluation passes, and no container or process of it is left behind (every
-container the pool holds runs only its ``sleep infinity``, and none exists outside the pool).
+container the pool holds runs only its init, the harness's zygote, and none exists outside the pool).
 
 Probes that check a property from inside the container are written as a program plus a
 ``check(candidate)`` test, so a breach shows up as a failed test with what the probe saw."""
@@ -50,7 +50,7 @@ def contained(pool):
         assert {c.id for c in owned} == held and len(held) <= pool.cfg.pool_size
         for container in owned:
             processes = container.top()["Processes"]
-            assert [p[-1] for p in processes] == ["sleep infinity"], processes
+            assert len(processes) == 1 and processes[0][-1].endswith("--zygote"), processes
         return evaluation
 
     return run
@@ -148,9 +148,9 @@ def test_host_files_are_not_visible(contained, tmp_path):
         "def visible():\n"
         "    return [p for p in PATHS if os.path.exists(p)]\n"
         "def init():\n"
-        "    return open('/proc/1/cmdline', 'rb').read().split(b'\\0')[0].decode()\n"
+        "    return open('/proc/1/cmdline', 'rb').read().split(b'\\0')[-2].decode()\n"
     )
-    tests = f"def check(candidate):\n    assert candidate() == []\n    assert init() == 'sleep'\n    assert open('/etc/hostname').read().strip() != {socket.gethostname()!r}\n"
+    tests = f"def check(candidate):\n    assert candidate() == []\n    assert init() == '--zygote'\n    assert open('/etc/hostname').read().strip() != {socket.gethostname()!r}\n"
     evaluation = contained(probe, tests, "visible")
     assert evaluation.outcome == "passed", evaluation.error_text
 
