@@ -133,6 +133,59 @@ def test_in_process_unittest_suites_detect_what_the_program_altered():
     assert _evaluate("def f():\n    return 1\n", mocked, "f")["outcome"] == "passed"  # mock.patch restores: not flagged
 
 
+BCB_PROGRAM = (
+    "import os, random, subprocess\n"
+    "def task_func(d):\n    if d is None:\n        raise ValueError('no dir')\n    random.seed(0)\n    return sorted(os.listdir(d))\n"
+)
+BCB_TESTS = """
+import unittest
+from unittest.mock import patch, MagicMock, mock_open
+import os, shutil, subprocess, tempfile
+class TestCases(unittest.TestCase):
+    def setUp(self):
+        self.d = tempfile.mkdtemp()
+        self.maxDiff = None
+    def tearDown(self):
+        shutil.rmtree(self.d)
+    @patch('os.listdir')
+    def test_mock(self, listdir):
+        listdir.return_value = ['b', 'a']
+        self.assertEqual(task_func(self.d), ['a', 'b'])
+    def test_real(self):
+        open(os.path.join(self.d, 'x'), 'w').close()
+        self.assertListEqual(task_func(self.d), ['x'])
+    def test_raises(self):
+        with self.assertRaises(ValueError):
+            task_func(None)
+    def test_subtests(self):
+        for i in range(3):
+            with self.subTest(i=i):
+                self.assertAlmostEqual(i * 1.0, i)
+    @patch('builtins.open', new_callable=mock_open, read_data='data')
+    def test_open(self, opened):
+        with open('f') as handle:
+            self.assertEqual(handle.read(), 'data')
+    @unittest.skip('declared by the tests')
+    def test_skipped(self):
+        self.fail()
+    @patch('subprocess.run')
+    def test_run(self, run):
+        run.return_value = MagicMock(returncode=0)
+        self.assertEqual(subprocess.run(['x']).returncode, 0)
+"""
+
+
+def test_the_in_process_guard_accepts_what_bigcodebench_style_tests_do_to_the_interpreter():
+    # mock.patch of os/builtins/subprocess, mock_open (which caches module globals), subTest,
+    # assertRaises, a declared skip: none of it is taken for the program's tampering.
+    result = _evaluate(BCB_PROGRAM, BCB_TESTS, "task_func")
+    assert result["outcome"] == "passed", result["error_text"]
+    statuses = {t["name"].rsplit(".", 1)[1]: t["status"] for t in result["tests"]}
+    assert statuses == {n: "passed" for n in ("test_mock", "test_real", "test_raises", "test_subtests", "test_open", "test_run")} | {"test_skipped": "skipped"}
+    wrong = _evaluate(BCB_PROGRAM.replace("sorted(os.listdir(d))", "os.listdir(d)"), BCB_TESTS, "task_func")
+    assert wrong["outcome"] == "failed" and wrong["error_text"].startswith("Failed test: solution.TestCases.test_mock")
+
+
 def test_harness_splits_check_into_one_test_per_assert_and_reports_what_the_candidate_returned():
     result = _evaluate(STUB + "    return a * b\n", TESTS, "add")
     assert result["outcome"] == "failed"

@@ -423,6 +423,54 @@ def test_ptrace_and_process_vm_readv_reach_no_process_of_the_sandbox(pool):
     _honest_next(pool)
 
 
+# An exec that is not the harness: it copies the marker into a forged verdict, then ends as told.
+FAKE_HARNESS = """
+import json, os, sys, time
+payload = json.loads(sys.stdin.read())
+verdict = {"outcome": "passed", "error_text": "", "tests": [], "leftover": [], "clean": True, "oom_kills": 0}
+sys.stdout.write(payload["marker"] + json.dumps(verdict) + "\\n")
+sys.stdout.flush()
+if os.environ.get("HOW", "%s") == "hang":
+    os.close(1)
+    os.close(2)
+    time.sleep(4)
+sys.exit(%d)
+"""
+
+
+def _fake_exec(monkeypatch, how: str, code: int) -> None:
+    import sandbox.client
+
+    monkeypatch.setattr(sandbox.client, "RELAY", FAKE_HARNESS % (how, code))
+
+
+def test_a_verdict_is_taken_only_from_an_exec_that_exited_with_code_0(pool, monkeypatch):
+    from sandbox.image import docker_client
+
+    _fake_exec(monkeypatch, "exit", 3)
+    forged = pool.run(WRONG, TESTS, "add")
+    assert (forged.outcome, forged.exit_code, forged.recycled) == ("error", 3, True), forged
+    assert "none was taken from its output" in forged.error_text
+    _fake_exec(monkeypatch, "hang", 0)  # the stream ends, the exec does not: its exit is unknown
+    hung = pool.run(WRONG, TESTS, "add")
+    assert (hung.outcome, hung.exit_code, hung.recycled) == ("error", None, True), hung
+    # Exit 0 is what makes the output a verdict (the harness, out of the program's reach, is the
+    # only exec that writes one): the host's own look at the container still decides its reuse.
+    _fake_exec(monkeypatch, "exit", 0)
+    pool.settle()
+    container = pool._acquire()
+    pool._release(container)
+    docker_client().api.exec_start(docker_client().api.exec_create(container.id, ["sleep", "30"], user="12345")["Id"], detach=True)
+    deadline = __import__("time").monotonic() + 5
+    while pool._only_init_runs(container) and __import__("time").monotonic() < deadline:
+        __import__("time").sleep(0.05)
+    assert not pool._only_init_runs(container)
+    trusted = pool.run(WRONG, TESTS, "add")
+    assert trusted.outcome == "passed" and trusted.recycled, trusted  # a stray process: never reused
+    monkeypatch.undo()
+    _honest_next(pool)
+
+
 def main() -> None:  # pragma: no cover - the report's table
     from sandbox import Sandbox
 
