@@ -35,7 +35,13 @@ def default_host_python() -> str:
 
 
 def host_run(
-    program: str, tests: str | None, entry_point: str | None, timeout_s: float, python: str | None = None, limit: int = 4000
+    program: str,
+    tests: str | None,
+    entry_point: str | None,
+    timeout_s: float,
+    python: str | None = None,
+    limit: int = 4000,
+    trusted: str | None = None,
 ) -> tuple[dict[str, Any], float]:
     """(the harness's result, seconds) in a bare host subprocess: no container, no limits, no
     separate uids (the harness's host mode).
@@ -45,7 +51,7 @@ def host_run(
     marker = "\x1e" + secrets.token_hex(16) + ":"
     with tempfile.TemporaryDirectory(prefix="rosa2-bench-") as scratch:
         payload = json.dumps(
-            {"program": program, "tests": tests, "entry_point": entry_point, "marker": marker, "limit": limit, "scratch": [scratch]}
+            {"program": program, "tests": tests, "entry_point": entry_point, "marker": marker, "limit": limit, "scratch": [scratch], "trusted": trusted}
         )
         start = time.perf_counter()
         done = subprocess.run(
@@ -59,10 +65,10 @@ def host_run(
 
 
 def host_evaluate(
-    program: str, tests: str | None, entry_point: str | None, timeout_s: float, python: str | None = None
+    program: str, tests: str | None, entry_point: str | None, timeout_s: float, python: str | None = None, trusted: str | None = None
 ) -> tuple[str, float]:
     """(outcome, seconds) of the harness in a bare host subprocess (``host_run``)."""
-    result, seconds = host_run(program, tests, entry_point, timeout_s, python)
+    result, seconds = host_run(program, tests, entry_point, timeout_s, python, trusted=trusted)
     return result["outcome"], seconds
 
 
@@ -74,9 +80,9 @@ def measure(problems: list[Problem], cfg: SandboxConfig, host_python: str | None
         pool.warm()
         for item in items:
             start = time.perf_counter()
-            evaluation = pool.run(item.program, item.tests, item.entry_point)
+            evaluation = pool.run(item.program, item.tests, item.entry_point, trusted=item.stub)
             sandbox_s.append(time.perf_counter() - start)
-            outcome, seconds = host_evaluate(item.program, item.tests, item.entry_point, cfg.timeout_s, host_python)
+            outcome, seconds = host_evaluate(item.program, item.tests, item.entry_point, cfg.timeout_s, host_python, trusted=item.stub)
             host_s.append(seconds)
             if outcome != evaluation.outcome:
                 mismatches.append(f"{item.id}: sandbox {evaluation.outcome}, host {outcome}")
@@ -109,7 +115,9 @@ class CodeItem:
 
     def __init__(self, problem: Problem) -> None:
         self.id = problem.id
-        self.program, _ = CodeReward(problem, pool=None).program(check.canonical(problem))
+        reward = CodeReward(problem, pool=None)
+        self.program, _ = reward.program(check.canonical(problem))
+        self.stub = reward.stub or None
         self.tests = problem.tests
         self.entry_point = problem.entry_point
 

@@ -335,7 +335,9 @@ class Sandbox:
                 return int(value)
         return None
 
-    def _attempt(self, program: str, tests: str | None, entry_point: str | None, timeout_s: float) -> Evaluation:
+    def _attempt(
+        self, program: str, tests: str | None, entry_point: str | None, timeout_s: float, trusted: str | None = None
+    ) -> Evaluation:
         container = self._acquire()
         with self._lock:
             serial = self._serial.get(container.id, 0)
@@ -345,7 +347,7 @@ class Sandbox:
             {
                 "program": program, "tests": tests, "entry_point": entry_point,
                 "marker": marker.decode(), "limit": ERROR_TEXT_LIMIT,
-                "scratch": SCRATCH,
+                "scratch": SCRATCH, "trusted": trusted,
             }
         ).encode()
         try:
@@ -436,14 +438,24 @@ class Sandbox:
         return "error", f"The sandbox's harness {how} before giving a verdict; none was taken from its output."
 
     def run(
-        self, program: str, tests: str | None = None, entry_point: str | None = None, timeout_s: float | None = None
+        self,
+        program: str,
+        tests: str | None = None,
+        entry_point: str | None = None,
+        timeout_s: float | None = None,
+        *,
+        trusted: str | None = None,
     ) -> Evaluation:
-        """Run ``program`` then ``tests`` (HumanEval ``check(candidate)``, unittest, or plain asserts)."""
+        """Run ``program`` then ``tests`` (HumanEval ``check(candidate)``, unittest, or plain asserts).
+
+        ``trusted``: source the judge runs itself (the problem's stub), so the helpers the tests
+        call besides the entry point (HumanEval's ``encode_cyclic``, ``poly``) are the problem's own,
+        never the program's: a program's helper would see the expected answer as its argument."""
         timeout = self.cfg.timeout_s if timeout_s is None else timeout_s
         errors = []
         for attempt in range(1, self.cfg.retries + 2):
             try:
-                evaluation = self._attempt(program, tests, entry_point, timeout)
+                evaluation = self._attempt(program, tests, entry_point, timeout, trusted)
                 evaluation.attempts = attempt
                 return evaluation
             except SandboxInfraError as exc:

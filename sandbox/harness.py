@@ -625,6 +625,8 @@ def judge(payload, channel):
             tree = None
     in_process = tree is not None and is_unittest(tree)
     names = set(free_names(tree)) if tree is not None and not in_process else set()
+    helpers = _trusted_helpers(payload.get("trusted"), names - {entry_point}) if names else {}
+    names -= set(helpers)
     if entry_point:
         names.add(entry_point)
     scratch = payload.get("scratch") or []
@@ -645,20 +647,35 @@ def judge(payload, channel):
     elif in_process:
         results = _judge_unittest(tests, tree, channel, limit)
     else:
-        results = run_tests(tests, reply["names"], entry_point, channel, limit)
+        offered = {k: v for k, v in reply["names"].items() if k in names}  # only what was asked for
+        results = run_tests(tests, offered, entry_point, channel, limit, helpers)
     result = _summary(results, limit)
     if channel.gone:
         result["gone"] = True
     return result
 
 
-def run_tests(tests_source, names, entry_point, channel, limit):
-    """Tests in the judge: the program's names are proxies (functions) or plain values."""
+def _trusted_helpers(source, wanted):
+    """The names among ``wanted`` that the problem's own stub defines, defined here by the judge."""
+    if not (isinstance(source, str) and source.strip() and wanted):
+        return {}
+    env = {"__name__": "stub"}
+    try:
+        exec(compile(source, "stub.py", "exec"), env)  # noqa: S102 - the problem's text, not the program
+    except BaseException:  # noqa: BLE001 - an incomplete stub: the program's names are used instead
+        return {}
+    return {name: env[name] for name in wanted if name in env}
+
+
+def run_tests(tests_source, names, entry_point, channel, limit, helpers=None):
+    """Tests in the judge: the program's names are proxies (functions) or plain values, except
+    the helpers the problem's stub defines (``helpers``), which are the problem's own."""
     try:
         code = compile(tests_source, TESTS, "exec")
     except SyntaxError as exc:
         return [{"name": "tests", "status": "error", "error": "the tests do not compile: " + _error_text(exc, limit)}]
     env = {"__name__": "tests", "__builtins__": builtins}
+    env.update(helpers or {})
     for name, kind in names.items():
         if type(kind) is not list or not kind:
             continue

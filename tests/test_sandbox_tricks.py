@@ -350,6 +350,45 @@ PTRACE_PROBE = _src("""
         return REACHED
     """)
 
+# The problem's own helpers: the tests call them with the expected answer as the argument.
+SHIFT_STUB = (
+    "def encode_shift(s: str):\n    return ''.join(chr((ord(c) + 5 - 97) % 26 + 97) for c in s)\n\n\n"
+    "def decode_shift(s: str):\n    \"\"\"Decode what encode_shift encoded.\"\"\"\n"
+)
+SHIFT_TESTS = (
+    "def check(candidate):\n    import random\n    for _ in range(20):\n"
+    "        plain = ''.join(random.choice('abcdefghij') for _ in range(12))\n"
+    "        assert candidate(encode_shift(plain)) == plain\n"
+)
+SHIFT_RIGHT = "def decode_shift(s: str):\n    return ''.join(chr((ord(c) - 5 - 97) % 26 + 97) for c in s)\n"
+RECORDING_HELPER = _src("""
+    SEEN = []
+    def encode_shift(s: str):
+        SEEN.append(s)  # the tests pass the expected answer through the program's helper
+        return s
+    def decode_shift(s: str):
+        return SEEN[-1] if SEEN else s
+    """)
+POLY_STUB = "import math\n\n\ndef poly(xs: list, x: float):\n    return sum(c * math.pow(x, i) for i, c in enumerate(xs))\n\n\ndef find_zero(xs: list):\n    \"\"\"A zero of poly(xs).\"\"\"\n"
+POLY_TESTS = "def check(candidate):\n    for xs in ([1, 2], [-6, 11, -6, 1]):\n        assert abs(poly(xs, candidate(xs))) < 1e-4\n"
+POLY_RIGHT = "def find_zero(xs):\n    lo, hi = -100.0, 100.0\n    for _ in range(200):\n        mid = (lo + hi) / 2\n        if poly(xs, lo) * poly(xs, mid) <= 0:\n            hi = mid\n        else:\n            lo = mid\n    return lo\n"
+ZERO_POLY = "def poly(xs, x):\n    return 0.0\n\n\ndef find_zero(xs):\n    return 12345.0\n"
+# name -> (stub, tests, entry point, hostile response, honest response), scored through CodeReward
+HELPER_TRICKS = {
+    "program's helper records the expected answer (HumanEval/50 style)": (SHIFT_STUB, SHIFT_TESTS, "decode_shift", RECORDING_HELPER, SHIFT_RIGHT),
+    "program redefines the tests' helper poly() to return 0 (HumanEval/32 style)": (POLY_STUB, POLY_TESTS, "find_zero", ZERO_POLY, POLY_RIGHT),
+}
+
+
+def _helper_reward(pool, name: str, response_index: int):
+    from rosa2.records import Problem
+    from rosa2.rewards.code import CodeReward
+
+    stub, tests, entry, hostile, honest = HELPER_TRICKS[name]
+    problem = Problem(id="trick", prompt="-", domain="code", tests=tests, entry_point=entry, metadata={"stub": stub})
+    return CodeReward(problem, pool=pool).score(f"```python\n{(hostile, honest)[response_index]}```")
+
+
 def run_trick(pool, name: str):
     program, tests = TRICKS[name]
     return pool.run(program, tests, "add")
@@ -379,6 +418,14 @@ def test_a_trick_never_scores_passed_and_the_next_evaluation_is_honest(pool, nam
     assert evaluation.outcome != "passed", (name, evaluation)
     assert evaluation.outcome in ("failed", "error", "syntax_error"), (name, evaluation.outcome, evaluation.error_text)
     _honest_next(pool, TRICKS[name][1])
+
+
+@pytest.mark.parametrize("name", list(HELPER_TRICKS))
+def test_the_tests_helpers_are_the_problems_own_not_the_programs(pool, name):
+    hostile = _helper_reward(pool, name, 0)
+    assert hostile.outcome == "failed" and hostile.reward == -1.0, (hostile.outcome, hostile.error_text)
+    honest = _helper_reward(pool, name, 1)
+    assert honest.outcome == "passed" and honest.reward == 1.0, (honest.outcome, honest.error_text)
 
 
 def _cross(pool, hostile: str, tests: str = TESTS):
@@ -479,6 +526,8 @@ def main() -> None:  # pragma: no cover - the report's table
             evaluation = run_trick(pool, name)
             after = pool.run(WRONG, TRICKS[name][1], "add").outcome
             print(f"| {name} | {evaluation.outcome} | next wrong: {after} |", flush=True)
+        for name in HELPER_TRICKS:
+            print(f"| {name} | {_helper_reward(pool, name, 0).outcome} | honest: {_helper_reward(pool, name, 1).outcome} |", flush=True)
         for name, hostile in (("resident daemon from atexit", RESIDENT_FROM_ATEXIT), ("resident daemon at import", RESIDENT_AT_IMPORT),
                               ("lingering non-daemon thread", LINGERING_THREAD), ("scratch 0500 + SysV/POSIX IPC", LEAVES_SCRATCH_AND_IPC)):
             first = pool.run(hostile, TESTS, "add")

@@ -103,7 +103,8 @@ class CodeReward:
         from sandbox import shared
 
         program, form = self.program(response)
-        evaluation = (self.pool or shared(self.cfg)).run(program, self.problem.tests, self.problem.entry_point)
+        # The stub is the problem's text: the judge defines its helpers itself (see Sandbox.run).
+        evaluation = (self.pool or shared(self.cfg)).run(program, self.problem.tests, self.problem.entry_point, trusted=self.stub or None)
         tests = evaluation.tests
         output = evaluation.output
         return RewardResult(
