@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from rosa2.config import SandboxConfig
-from sandbox.harness import RELAY
+from sandbox.harness import RELAY, ZYGOTE_READY
 from sandbox.image import LABEL, SandboxError, docker_client, image_exists
 
 OUTCOMES = ("passed", "failed", "error", "timeout", "oom", "syntax_error", "sandbox_error")
@@ -50,6 +50,7 @@ SCRATCH = ["/tmp", "/dev/shm", "/dev/mqueue"]
 JUDGE_UID = 2000  # runs the tests; never runs the program's code
 CANDIDATE_UID_BASE = 10000  # the n-th evaluation in a container runs the program as uid BASE + n
 UIDS_PER_CONTAINER = 50000  # then the container is replaced
+STARTUP_TIMEOUT_S = 60.0  # a new container's zygote must listen within this
 EXIT_WAIT_S = 1.0  # how long the exec may take to be reported finished after its stream ended
 
 
@@ -147,8 +148,24 @@ class Sandbox:
         with self._lock:
             self._live[container.id] = container
             self._serial[container.id] = 0
+        self._wait_ready(container)
         self._cgroups[container.id] = _cgroup_procs(container)
         return container
+
+    def _wait_ready(self, container: Any) -> None:
+        """Until the zygote listens, so an evaluation's time limit never pays for the container's
+        start (a Python start-up and imports: ~0.1 s of CPU, seconds under a small CPU limit)."""
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while ZYGOTE_READY not in container.logs(stdout=True, stderr=False):
+            if time.monotonic() > deadline:
+                self._remove(container)
+                raise SandboxInfraError(f"the sandbox container's zygote was not ready in {STARTUP_TIMEOUT_S:.0f} s")
+            container.reload()
+            if container.status not in ("created", "running"):
+                logs = container.logs(stdout=True, stderr=True)[-500:].decode("utf-8", "replace")
+                self._remove(container)
+                raise SandboxInfraError(f"the sandbox container stopped while starting: {logs}")
+            time.sleep(0.01)
 
     def _acquire(self) -> Any:
         deadline = time.monotonic() + ACQUIRE_TIMEOUT_S

@@ -1105,6 +1105,7 @@ def serve(uids, relay=None):
 
 ZYGOTE_DIR = "/dev/rosa2"  # /dev is a root-owned tmpfs: no other uid can create or enter it
 ZYGOTE_SOCKET = ZYGOTE_DIR + "/zygote"
+ZYGOTE_READY = b"rosa2 sandbox zygote ready"
 
 # What ``docker exec`` runs (``python3 -I -S -c RELAY --uids J C``, ~15 ms instead of a full
 # interpreter with this file): it hands its stdin/stdout/stderr to the zygote and exits with the
@@ -1146,6 +1147,7 @@ def zygote():
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(ZYGOTE_SOCKET)
     server.listen(16)
+    os.write(1, ZYGOTE_READY + b"\n")  # to the container's log: the host waits for it before the first exec
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     os.set_blocking(wake_r, False)
