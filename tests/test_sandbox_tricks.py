@@ -346,8 +346,37 @@ PTRACE_PROBE = _src("""
             REACHED.append(("/proc/mem", pid))
         except OSError:
             pass
+    import socket
+    for path in ("/dev/rosa2/zygote", "/dev/rosa2"):
+        try:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.connect(path)
+            REACHED.append(("connect", path))
+        except OSError:
+            pass
+    try:
+        REACHED.append(("listdir", os.listdir("/dev/rosa2")))
+    except OSError:
+        pass
     def reached():
         return REACHED
+    """)
+# In-process suites: the program finds the runner's report descriptor and nonce in its own process
+# and writes the report itself. Still possible (sandbox/README.md, "what stays open").
+IN_PROCESS_FORGERY = _src("""
+    import json, os, sys, unittest
+    def add(a, b):
+        frame = sys._getframe(1)
+        while frame is not None:
+            runner = frame.f_locals.get("self")
+            message = frame.f_locals.get("message")
+            if isinstance(message, dict) and "nonce" in message and hasattr(runner, "replies"):
+                tests = [{"name": "forged", "case": "TestAdd", "method": m, "status": "passed", "error": ""}
+                         for m in ("test_small", "test_equal", "test_true")]
+                os.write(runner.replies, (json.dumps({"tests": tests, "nonce": message["nonce"]}) + "\\n").encode())
+                os._exit(0)
+            frame = frame.f_back
+        return 0
     """)
 
 # The problem's own helpers: the tests call them with the expected answer as the argument.
@@ -426,6 +455,12 @@ def test_the_tests_helpers_are_the_problems_own_not_the_programs(pool, name):
     assert hostile.outcome == "failed" and hostile.reward == -1.0, (hostile.outcome, hostile.error_text)
     honest = _helper_reward(pool, name, 1)
     assert honest.outcome == "passed" and honest.reward == 1.0, (honest.outcome, honest.error_text)
+
+
+@pytest.mark.xfail(strict=True, reason="known open (README): an in-process unittest suite's report can be forged by the program")
+def test_an_in_process_suite_report_forged_by_the_program(pool):
+    evaluation = pool.run(IN_PROCESS_FORGERY, UNITTESTS, "add")
+    assert evaluation.outcome != "passed", evaluation
 
 
 def _cross(pool, hostile: str, tests: str = TESTS):
@@ -534,6 +569,8 @@ def main() -> None:  # pragma: no cover - the report's table
             nexts = [pool.run(WRONG, TESTS, "add").outcome, pool.run(RIGHT, TESTS, "add").outcome, pool.run(FINDS_NOTHING, TESTS, "add").outcome]
             print(f"| {name} | {first.outcome} | next wrong/right/clean-probe: {nexts} |", flush=True)
         probe = pool.run(PTRACE_PROBE, "def check(candidate):\n    assert candidate() == []\n", "reached")
+        forged = pool.run(IN_PROCESS_FORGERY, UNITTESTS, "add")
+        print(f"| in-process unittest report forged via the runner's frame (nonce + descriptor) | {forged.outcome} | known open |", flush=True)
         print(f"| ptrace/process_vm_readv probe | {probe.outcome} | {probe.error_text[:300]!r} |", flush=True)
 
 
