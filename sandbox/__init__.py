@@ -1,8 +1,9 @@
 """The sandbox for model-written code (DESIGN §5): image build, warm container pool, harness.
 
 ``Sandbox(cfg).run(program, tests, entry_point) -> Evaluation`` runs one program in a fresh
-process inside a hardened container; ``shared(cfg)`` gives the process-wide pool the code reward
-uses; ``image.build(name)`` makes the image from the Dockerfile or from Debian packages alone.
+process, under a uid of its own, inside a hardened container, and its tests in another process it
+cannot reach (sandbox/README.md, threat model); ``shared(cfg)`` gives the process-wide pool the
+code reward uses; ``image.build(name)`` makes the image from the Dockerfile or from Debian packages.
 Docker (docker-py) is imported only when a pool or a build is made.
 """
 

@@ -1,7 +1,9 @@
 """The sandbox image: from the Dockerfile where a registry answers, else from Debian packages alone.
 
 Both give the same shape: ``python3`` on PATH, user 65534 (nobody), workdir ``/tmp``, a
-``sleep infinity`` command that keeps a warm container alive, and the label ``rosa2.sandbox``.
+``sleep infinity`` command, and the label ``rosa2.sandbox``. The pool (sandbox/client.py) starts
+its containers as uid 0 with the harness's zygote as the command instead, and only the SETUID and
+SETGID capabilities; the image's own defaults are the safe ones for anyone running it by hand.
 The air-gapped path runs ``debootstrap --variant=minbase --include=python3`` and pipes the root
 file system into ``docker import``; the rootfs tarball is cached under the project home so a
 ``--force`` rebuild does not download the packages again.
