@@ -3,8 +3,9 @@
 Every container: no network, read-only root with a small tmpfs on /tmp, every capability dropped
 but SETUID and SETGID (the harness needs them to give the judge and the candidate their own
 uids; no-new-privileges keeps any other process from gaining them), pids / memory (= memswap) /
-CPU limits, and the label ``rosa2.sandbox`` so nothing is left behind. Each evaluation is one
-``docker exec`` of sandbox/harness.py under uid 0 with ``--uids JUDGE CANDIDATE``: the candidate uid
+CPU limits, and the label ``rosa2.sandbox`` so nothing is left behind. The container's init is
+the harness's zygote (sandbox/harness.py); each evaluation is one ``docker exec`` (uid 0) of its
+relay with ``--uids JUDGE CANDIDATE``, which has the zygote fork the evaluation: the candidate uid
 is new for every evaluation in a container, so nothing one sample starts or leaves can reach the
 next. The program and tests reach it on stdin (``put_archive`` is refused on a read-only root).
 The wall-clock limit is enforced from outside: on the deadline the whole container is killed and

@@ -1,16 +1,20 @@
-"""What runs inside a sandbox container, once per evaluation: a warden, a judge and the candidate.
+"""What runs inside a sandbox container: its init (the zygote) and, per evaluation, a warden, a
+reaper, a judge and the candidate.
 
-Standard library only (it runs on the image's python3, not the project's venv). Started by the
-host as ``python3 -I -c <this file> --uids JUDGE CANDIDATE`` under uid 0 in a container whose only
-capabilities are SETUID and SETGID (sandbox/client.py); its stdin carries one JSON payload
-``{"program", "tests", "entry_point", "marker", "limit", "scratch"}``; its result is one line
-``<marker><json>`` on stdout. Three kinds of process, none able to reach the one above it:
+Standard library only (it runs on the image's python3, not the project's venv). The container's
+command is ``python3 -I -c <this file> --zygote`` under uid 0, in a container whose only
+capabilities are SETUID and SETGID (sandbox/client.py). The zygote never reads a payload; for each
+evaluation the host runs ``RELAY`` with ``docker exec`` (uid 0), which hands its stdio to the
+zygote over a root-only socket; the zygote forks a session that runs ``serve((JUDGE, CANDIDATE))``.
+The session's stdin carries one JSON payload ``{"program", "tests", "entry_point", "marker",
+"limit", "scratch", "trusted"}``; its result is one line ``<marker><json>`` on stdout. The kinds of
+process, none able to reach the one above it:
 
-- the **warden** (this process, uid 0): forks the reaper and the candidate *before* it reads the
+- the **warden** (the session, uid 0): forks the reaper and the candidate *before* it reads the
   payload, so neither ever holds the tests or the marker; then forks the judge, waits for its
-  verdict, has every process of the candidate's uid killed, the candidate's files and IPC
-  objects removed, checks that nothing is left, and writes the result line. Only it holds the
-  result descriptor.
+  verdict, has the reaper (uid 0 until it drops to the candidate's uid) kill every process of
+  the candidate's uid and remove its files and IPC objects, checks that nothing is left, and
+  writes the result line. Only it holds the result descriptor.
 - the **judge** (uid JUDGE): runs the tests. HumanEval's ``check(candidate)`` and plain asserts run
   here, where the candidate's code never runs: ``candidate(*args)`` (and every other name the
   tests take from the program) is a proxy that sends the arguments to the candidate process and
@@ -26,9 +30,9 @@ the candidate's process: there the verdict is the candidate's own report, made h
 builtins, ``unittest`` and this runner are compared with a snapshot taken before the program
 ran, after the program and after every test), but not out of its reach; see sandbox/README.md.
 
-Without ``--uids`` (``sandbox/bench.py``, the unit tests: trusted code on the host) the same three
-processes run under the caller's uid with no isolation, and the payload's ``scratch`` folders
-are emptied before the run.
+Run as ``python3 -I -c <this file>`` without ``--uids`` (``sandbox/bench.py``, the unit tests:
+trusted code on the host), the warden, judge and candidate run under the caller's uid with no
+isolation, and the payload's ``scratch`` folders are emptied before the run.
 """
 
 import ast
