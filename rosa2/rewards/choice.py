@@ -19,6 +19,7 @@ import re
 import string
 from typing import Sequence
 
+from rosa2.config import EXTRACTIONS, _check_choice
 from rosa2.errors import Rosa2Error
 from rosa2.records import Problem, RewardResult
 from rosa2.rewards.math import last_boxed
@@ -69,19 +70,15 @@ def value_choice(response: str, choices: Sequence[str], allowed: str) -> tuple[s
     ends the response. (None, value) when the final number matches no option (a wrong answer);
     (None, None) when the response gives no final value."""
     numbers = _NUMBER.findall(response)
-    if numbers:
-        value = _number(numbers[-1])
-        hits = [allowed[i] for i, c in enumerate(choices) if value is not None and _number(str(c)) == value]
-        if len(hits) == 1:
-            return hits[0], numbers[-1]
+    value = _number(numbers[-1]) if numbers else None
+    hits = [allowed[i] for i, c in enumerate(choices) if value is not None and _number(str(c)) == value]
+    if len(hits) == 1:
+        return hits[0], numbers[-1]
     tail = _norm(response)[-200:]
-    texts = [(allowed[i], _norm(str(c))) for i, c in enumerate(choices)]
-    ends = [letter for letter, text in texts if text and tail.endswith(text)]
+    ends = [allowed[i] for i, c in enumerate(choices) if _norm(str(c)) and tail.endswith(_norm(str(c)))]
     if len(ends) == 1:
         return ends[0], None
-    if numbers and not any(_number(str(c)) is not None and _number(str(c)) == _number(numbers[-1]) for c in choices):
-        return None, numbers[-1]
-    return None, None
+    return None, (numbers[-1] if numbers and not hits else None)
 
 
 def extract_choice(response: str, allowed: str, choices: Sequence[str] | None = None, extraction: str = "flexible") -> tuple[str | None, str]:
@@ -124,8 +121,7 @@ class ChoiceReward:
         choices = problem.metadata.get("choices")
         if not isinstance(choices, (list, tuple)):
             raise Rosa2Error(f"problem {problem.id!r}: metadata['choices'] must list the options, got {choices!r}")
-        if extraction not in ("flexible", "paper"):
-            raise Rosa2Error(f"extraction={extraction!r} is not allowed; expected one of ['flexible', 'paper']")
+        _check_choice("extraction", extraction, EXTRACTIONS)  # RewardConfig's own check
         self.allowed = letters(len(choices))
         self.choices = [str(c) for c in choices]
         self.gold = (problem.answer or "").strip().upper()

@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from rosa2.config import EXTRACTIONS, _check_choice
 from rosa2.errors import Rosa2Error
 from rosa2.records import Problem, RewardResult
 from rosa2.rewards.pool import Job, WorkerPool, shared_pool
@@ -156,8 +157,7 @@ class MathVerifyRewardModel:
     def __init__(
         self, gold: str, limits: MathLimits | None = None, pool: WorkerPool | None = None, *, extraction: str = "flexible"
     ) -> None:
-        if extraction not in ("flexible", "paper"):
-            raise Rosa2Error(f"extraction={extraction!r} is not allowed; expected one of ['flexible', 'paper']")
+        _check_choice("extraction", extraction, EXTRACTIONS)  # RewardConfig's own check
         self.gold = gold
         self.extraction = extraction
         self.limits = limits or MathLimits()
