@@ -1,5 +1,5 @@
 """The ``ablation`` flow: baseline, textgrad, rosa, rosa2 and the Switch pair on one model and
-dataset, optionally across the parametric stream's ``update_context`` (DESIGN §2: 'generated' is
+dataset, optionally across the parametric stream's ``update_context`` (docs/algorithm.md §2: 'generated' is
 the paper's reading, 'next' our variant).
 
 The defaults are the paper's motivation study (Sec. 2.1): T_max = 10, switch at k = 5. A Switch

@@ -3,7 +3,7 @@
 ``register`` puts a deployment with its schedule on the server (the ephemeral API cannot
 schedule: ``rosa2 stack up`` first). Runs then need an executor: ``rosa2 deploy --serve`` runs
 them in that process, or ``--work-pool NAME`` hands them to a process work pool's worker (one
-per GPU host, DESIGN §4).
+per GPU host, docs/architecture.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Scale-out of a sweep on existing engines (DESIGN §4): a Prefect work pool or Ray.
+"""Scale-out of a sweep on existing engines (docs/architecture.md): a Prefect work pool or Ray.
 
 A sweep is a list of cells (method × model × dataset × seed); each cell is one run of a cell
 flow (by default the platform's ``experiment`` flow). This module only decides *where* cells run:

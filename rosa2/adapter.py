@@ -3,7 +3,7 @@
 ROSA2 moves the policy toward the reward-weighted target policy π*(y) ∝ π_{t-1}(y)·exp(r/β) and
 states the step as the least-squares solution of the linearised residual, (JᵀJ)Δθ = JᵀR with
 R = π̃* − π (ROSA2 Eq. 11). ROSA's code is not available; this module is **our reconstruction**
-(DESIGN §2):
+(docs/algorithm.md §2):
 
 * per response token i with probability p_i under the current policy the reweighted target is
   p̃_i = p_i·e^{r/β} / (p_i·e^{r/β} + 1 − p_i) and the residual is R_i = p̃_i − p_i;

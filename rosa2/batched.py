@@ -1,6 +1,6 @@
 """Many sessions at once: per-row LoRA adapters, batched generation, one batched update.
 
-Algorithm 1 (DESIGN §2) runs one problem at a time; its cost is dominated by generation, which
+Algorithm 1 (docs/algorithm.md §1) runs one problem at a time; its cost is dominated by generation, which
 on every device we target is bound by reading the weights once per decoded token. Advancing B
 sessions together reads the weights once for B tokens. What makes this non-trivial is that each
 session owns its own parametric-stream adapter θ_b:
@@ -11,7 +11,7 @@ session owns its own parametric-stream adapter θ_b:
   which is what the semantic stream's local critic wants.
 - **One backward for B updates**: sessions' parameters are disjoint slices of the same tensors, so
   the gradient of Σ_b Σ_{i∈s} p_{b,i} with respect to A, B holds, in slot b, exactly session b's
-  row s of J (DESIGN §2). S > 1 segments use ``is_grads_batched`` (one vmapped backward for all S).
+  row s of J (docs/algorithm.md §2). S > 1 segments use ``is_grads_batched`` (one vmapped backward for all S).
   The damped least-squares step itself is the single engine's (``rosa2.adapter``), applied per slot.
 - **Continuous batching** (``BatchedSessionEngine``): a session that is solved or out of turns
   leaves after its turn; the next problem takes its slot with the slot's adapter reset to θ = 0.
@@ -55,7 +55,7 @@ class RowLoRA:
     Installed with forward hooks, so the model's modules and weights are untouched and ``remove()``
     restores it exactly. Outside ``with lora.rows(slot_ids)`` every hook is a no-op (base model).
     PEFT's convention holds per slot: A ~ kaiming-uniform(a=√5), B = 0, so θ starts at zero and the
-    first update moves only B (DESIGN §2).
+    first update moves only B (docs/algorithm.md §2).
     """
 
     def __init__(self, model: Any, cfg: AdaptConfig, slots: int) -> None:

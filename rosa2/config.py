@@ -80,7 +80,7 @@ GRANULARITY = re.compile(r"sequence|token|chunks:([1-9]\d*)")
 
 @dataclass
 class AdaptConfig:
-    """The parametric stream (Weights): LoRA adapter and the closed-form update (DESIGN §2)."""
+    """The parametric stream (Weights): LoRA adapter and the closed-form update (docs/algorithm.md §2)."""
 
     rank: int = _help("LoRA rank r", default=8)
     alpha: float = _help("LoRA alpha (scale = alpha / rank)", default=16.0)
@@ -122,7 +122,7 @@ class AdaptConfig:
             raise ConfigError(f"max_segments={self.max_segments!r} must be >= 1")
         _check_choice("residual", self.residual, ["prob", "logprob"])
         if self.residual == "logprob" and self.granularity != "sequence":
-            # spreading the whole-response log target over segments blew up (DESIGN §2)
+            # spreading the whole-response log target over segments blew up (docs/algorithm.md §2)
             raise ConfigError(
                 f"granularity={self.granularity!r} with residual='logprob' is not allowed; "
                 "the log-space residual is one whole-response row: use granularity='sequence'"

@@ -1,7 +1,7 @@
 """The environment of Algorithm 1: scores y_t (reward ±1) and plays the simulated user.
 
 ``reset(problem)`` gives the first message x_1; ``step(response, turn)`` gives (r_t, x_{t+1},
-RewardResult). The next message depends on the feedback mode (DESIGN §2):
+RewardResult). The next message depends on the feedback mode (docs/algorithm.md §4):
 
 * ``none``   — an empty message: the semantic stream must synthesise one;
 * ``sparse`` — a fixed "that is not correct, try again" message;

@@ -1,4 +1,4 @@
-"""Metrics over session results (DESIGN §3): pure functions of ``list[ProblemResult]``.
+"""Metrics over session results (docs/metrics.md): pure functions of ``list[ProblemResult]``.
 
 Problems with ``scored=False`` (gold unparseable, infrastructure failure) are excluded from every
 metric and counted in ``excluded``. ``None`` stands for "undefined" (e.g. the uplift when no

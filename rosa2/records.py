@@ -70,7 +70,7 @@ class ProblemResult:
 
 @dataclass
 class Problem:
-    """One benchmark item, whatever the dataset (DESIGN §6)."""
+    """One benchmark item, whatever the dataset (docs/architecture.md)."""
 
     id: str
     prompt: str  # the first user message x_1, already formatted for the domain

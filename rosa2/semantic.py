@@ -1,4 +1,4 @@
-"""The semantic stream (Words): x*_{t+1} ← semantic_update(question, H, y_t, x_{t+1}) (DESIGN §2).
+"""The semantic stream (Words): x*_{t+1} ← semantic_update(question, H, y_t, x_{t+1}) (docs/algorithm.md §3).
 
 After a rejected answer y_t, the user's next message x_{t+1} is rewritten into a clearer, more
 instructive x*_{t+1} by TextGrad: critique (the textual gradient of the user's verdict with

@@ -1,4 +1,4 @@
-"""The session engine: Algorithm 1 of ROSA2 (DESIGN §2), one problem at a time.
+"""The session engine: Algorithm 1 of ROSA2 (docs/algorithm.md §1), one problem at a time.
 
 ```
 for each problem:                       # one "session"

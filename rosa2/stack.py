@@ -1,4 +1,4 @@
-"""The local stack: a Prefect server and an MLflow tracking server on loopback (DESIGN §4).
+"""The local stack: a Prefect server and an MLflow tracking server on loopback (docs/architecture.md).
 
 Servers are started as subprocesses (this module imports neither library): each gets a log file
 under ``<home>/logs``, a PID file under ``<home>/run`` and a health check; state lives under the

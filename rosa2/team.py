@@ -1,6 +1,6 @@
 """A team's database on one machine: a Debian PostgreSQL cluster under the project home.
 
-Team mode (DESIGN §4) puts Prefect server and MLflow on PostgreSQL instead of SQLite, so that
+Team mode (docs/architecture.md) puts Prefect server and MLflow on PostgreSQL instead of SQLite, so that
 several workers (one per GPU) can share one orchestration and tracking database. This module
 makes that database with Debian's own binaries (``initdb`` / ``pg_ctl``), listening on 127.0.0.1
 only, with one database for MLflow and one for Prefect, owned by a password-protected role.

@@ -1,4 +1,4 @@
-"""The sandbox for model-written code (DESIGN §5): image build, warm container pool, harness.
+"""The sandbox for model-written code (sandbox/README.md): image build, warm container pool, harness.
 
 ``Sandbox(cfg).run(program, tests, entry_point) -> Evaluation`` runs one program in a fresh
 process, under a uid of its own, inside a hardened container, and its tests in another process it

@@ -1,4 +1,4 @@
-"""A warm pool of hardened containers that runs model-written code (DESIGN §5).
+"""A warm pool of hardened containers that runs model-written code (sandbox/README.md).
 
 Every container: no network, read-only root with a small tmpfs on /tmp, every capability dropped
 but SETUID and SETGID (the harness needs them to give the judge and the candidate their own

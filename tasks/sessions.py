@@ -33,7 +33,7 @@ INFRA_NAMES = ("SandboxError", "DockerException", "APIError", "OutOfMemoryError"
 
 
 def is_infrastructure(exc: BaseException) -> bool:
-    """Errors worth retrying: the machine, not the model or the input (DESIGN §5: sandbox_error)."""
+    """Errors worth retrying: the machine, not the model or the input (docs/sandbox.md: sandbox_error)."""
     if getattr(exc, "infrastructure", False):
         return True
     if isinstance(exc, (ConnectionError, TimeoutError)):

@@ -1,4 +1,4 @@
-"""The one module that talks to MLflow (DESIGN §4: log at boundaries, through one small module).
+"""The one module that talks to MLflow (docs/architecture.md: log at boundaries, through one small module).
 
 Layout of a study in MLflow:
 

@@ -1,4 +1,4 @@
-"""The parametric stream: LoRA θ, the closed-form update toward the target policy (DESIGN §2)."""
+"""The parametric stream: LoRA θ, the closed-form update toward the target policy (docs/algorithm.md §2)."""
 
 from __future__ import annotations
 

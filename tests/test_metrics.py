@@ -1,4 +1,4 @@
-"""Metrics (DESIGN §3) on hand-made results whose values can be worked out by hand."""
+"""Metrics (docs/metrics.md) on hand-made results whose values can be worked out by hand."""
 
 from __future__ import annotations
 

@@ -76,7 +76,7 @@ def test_empty_message_is_synthesised(tiny):
     assert all("the whole message has to be written" in prompt for _, prompt in seen)
 
 
-# Replies SmolLM2-135M-Instruct wrote as its own critic (recorded on main, DESIGN §7), and others
+# Replies SmolLM2-135M-Instruct wrote as its own critic (recorded on main, docs/algorithm.md §3), and others
 SMOL_META = "The improved variable is the user's next message after the assistant's rejected answer, meant to lead it to find and fix its mistake."
 SMOL_ECHO = "That is not correct, try again."
 SMOL_CONSTRAINT = "Say what the assistant should check or redo; do not state a final answer."
@@ -449,7 +449,7 @@ def test_nothing_is_written_to_the_working_directory(tmp_path):
 @pytest.mark.slow
 def test_one_real_refinement_on_smollm2(smol):
     """SmolLM2 as its own critic: the class of each reply is measured and printed, never asserted
-    into a target (a 135M model cannot write feedback, DESIGN §7); what must hold is the accounting."""
+    into a target (a 135M model cannot write feedback, docs/algorithm.md §3); what must hold is the accounting."""
     stream = stream_for(smol, max_new_tokens=64)
     items = [(QUESTION, HISTORY, WRONG, SPARSE), (QUESTION, HISTORY, WRONG, ""), (QUESTION, HISTORY, "I think it is 400.", SPARSE)]
     outs = stream.refine_many(items)

@@ -1,4 +1,4 @@
-"""``rosa2 team up|down|status``: the team topology on one machine (DESIGN §4).
+"""``rosa2 team up|down|status``: the team topology on one machine (docs/architecture.md).
 
 PostgreSQL (Debian's, under the project home, loopback only), Prefect server and MLflow on it,
 and the work pool; then one ``rosa2 worker start --gpu N`` per GPU. infra/README.md has the same

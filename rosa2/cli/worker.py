@@ -1,4 +1,4 @@
-"""``rosa2 worker start``: one Prefect worker of a work pool, pinned to one GPU (DESIGN §4).
+"""``rosa2 worker start``: one Prefect worker of a work pool, pinned to one GPU (docs/architecture.md).
 
 The worker is Prefect's own process worker; this command only fixes what a GPU host needs:
 ``CUDA_VISIBLE_DEVICES`` so every cell it starts sees only its GPU, ``--limit`` = how many cells

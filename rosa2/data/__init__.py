@@ -1,4 +1,4 @@
-"""Datasets into Problems (DESIGN §6): the benchmarks of the paper by hub id, the same benchmarks
+"""Datasets into Problems (docs/architecture.md): the benchmarks of the paper by hub id, the same benchmarks
 from local files, and embedded sets that need no hub.
 
 ``--dataset`` (``DataConfig.dataset``) takes one of:

@@ -1,4 +1,4 @@
-"""Rewards: turn a response y_t into r_t = ±1 for the session loop (Algorithm 1, DESIGN §2).
+"""Rewards: turn a response y_t into r_t = ±1 for the session loop (Algorithm 1, docs/algorithm.md §4).
 
 ``reward_for(problem)`` picks the reward for the problem's domain; every reward has
 ``score(response) -> RewardResult`` and ``score_many(responses)``. The reward r_t is what the

@@ -1,6 +1,6 @@
 """Code reward: the response's program runs against the problem's unit tests in the Docker sandbox.
 
-r_t = +1 only when every test passes (DESIGN §2, §5); the RewardResult's ``error_text`` (the first
+r_t = +1 only when every test passes (docs/algorithm.md §4, docs/sandbox.md); the RewardResult's ``error_text`` (the first
 failing test with what the candidate returned, or the traceback) is what ``rich`` feedback hands
 to the next turn. A sandbox (infrastructure) failure is retried by the sandbox and, if it
 persists, gives ``scored=False``: it is never counted as the model's failure.
