@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -22,8 +23,9 @@ class ConfigError(Rosa2Error, ValueError):
     """A configuration value is not allowed. The message names the value and what is allowed."""
 
 
-def _help(text: str, **kw: Any) -> Any:
-    return field(metadata={"help": text}, **kw)
+def _help(text: str, parse: Any = None, **kw: Any) -> Any:
+    """A field with its help text; ``parse`` turns the option's text into the value (default: by type)."""
+    return field(metadata={"help": text, "parse": parse}, **kw)
 
 
 def _check_choice(name: str, value: Any, allowed: Iterable[Any]) -> None:
@@ -294,12 +296,48 @@ class DataConfig:
         default="embedded-math",
     )
     split: str | None = _help("Split for hub datasets (default: the dataset's test split)", default=None)
-    limit: int | None = _help("Use the first N problems (after shuffling with seed)", default=None)
+    limit: int | float | None = _help(
+        "Use the first N problems (after shuffling with seed); a fraction 0 < f < 1 takes that share of the "
+        "dataset, rounded up (also written 25%%)", parse=lambda text: limit_value(text), default=None,
+    )
     shuffle_seed: int | None = _help("Shuffle problems with this seed before --limit", default=None)
 
     def __post_init__(self) -> None:
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"limit={self.limit!r} must be >= 1")
+        limit = self.limit
+        if limit is None:
+            return
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)):
+            raise ConfigError(f"limit={limit!r} must be a count N >= 1 or a fraction 0 < f < 1")
+        if isinstance(limit, float) and limit.is_integer() and limit >= 1:
+            self.limit = int(limit)  # "8.0" is a count, and keys stay what "8" gives
+        elif isinstance(limit, float) and not 0 < limit < 1:
+            raise ConfigError(f"limit={limit!r} must be a count N >= 1 or a fraction 0 < f < 1")
+        elif isinstance(limit, int) and limit < 1:
+            raise ConfigError(f"limit={limit!r} must be >= 1 (a fraction of the dataset is written 0 < f < 1, e.g. 0.25)")
+
+    def take(self, problems: list[Any]) -> list[Any]:
+        """The problems ``limit`` selects: the first N, or the first ceil(f x len) for a fraction."""
+        if self.limit is None:
+            return problems
+        if isinstance(self.limit, float):
+            return problems[: max(1, math.ceil(self.limit * len(problems)))]
+        return problems[: self.limit]
+
+
+def limit_value(text: str) -> int | float:
+    """``--limit`` as typed: ``8`` (problems), ``0.25`` or ``25%`` (a share of the dataset)."""
+    raw = text.strip()
+    try:
+        value: int | float = float(raw[:-1]) / 100 if raw.endswith("%") else (int(raw) if raw.isdigit() else float(raw))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (8), a fraction (0.25) or a percentage (25%)") from None
+    try:
+        DataConfig(limit=value)
+    except ConfigError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a count N >= 1 (8) nor a share 0 < f < 1 of the dataset (0.25, 25%)"
+        ) from None
+    return value
 
 
 ADAPTER_RETENTION = ("all", "final", "corrected", "none")
@@ -353,7 +391,7 @@ def add_arguments(
         elif "tuple" in str(f.type):
             group.add_argument(flag, dest=dest, default=own, help=help_text + "; comma-separated")
         else:
-            kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], None)
+            kind = f.metadata.get("parse") or {"int": int, "float": float}.get(str(f.type).split(" ")[0], None)
             group.add_argument(flag, dest=dest, type=kind or str, default=own, help=help_text)
 
 

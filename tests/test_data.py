@@ -82,6 +82,58 @@ def test_default_is_embedded_math_deterministic_and_its_golds_verify():
         assert reward_for(p).score(f"So the answer is \\boxed{{{p.answer}}}.").reward == 1.0, p
 
 
+def _solve(question: str, options: list[str]) -> str:
+    """The right option of an embedded-choice question, computed from its text alone."""
+    numbers = [int(o) for o in options]
+    if m := re.fullmatch(r"What is (\d+) \+ (\d+)\?", question):
+        right = int(m[1]) + int(m[2])
+    elif m := re.search(r"has (\d+) \w+ and gets (\d+) more", question):
+        right = int(m[1]) + int(m[2])
+    elif "largest" in question:
+        right = max(numbers)
+    elif "smallest" in question:
+        right = min(numbers)
+    elif "even" in question:
+        (right,) = [n for n in numbers if n % 2 == 0]
+    else:
+        shown = [int(n) for n in re.findall(r"\d+", question)]
+        right = shown[-1] + shown[1] - shown[0]
+    assert numbers.count(right) == 1, (question, options)
+    return "ABCD"[numbers.index(right)]
+
+
+def test_embedded_choice_is_deterministic_balanced_and_its_golds_are_right():
+    problems = load("embedded-choice")
+    assert len(problems) == 48 and fingerprint(problems) == fingerprint(load("embedded-choice"))
+    assert Counter(p.metadata["subject"] for p in problems[:6]) == Counter(
+        {"add": 1, "largest": 1, "smallest": 1, "story": 1, "even": 1, "next": 1})
+    for p in problems:
+        assert p.domain == "choice" and len(p.metadata["choices"]) == 4
+        assert p.answer == _solve(p.metadata["question"], p.metadata["choices"]), p
+        assert reward_for(p).score(f"\\boxed{{{p.answer}}}").reward == 1.0
+    assert Counter(p.answer for p in problems).most_common(1)[0][1] <= 20  # the gold is not one letter
+
+
+@pytest.mark.parametrize("limit, count", [(8, 8), (0.25, 12), (0.01, 1), (8.0, 8)])
+def test_limit_takes_a_count_or_a_share_of_the_dataset(limit, count):
+    assert len(load("embedded-choice", limit=limit)) == count
+
+
+@pytest.mark.parametrize("text, value", [("8", 8), ("0.25", 0.25), ("25%", 0.25), ("8.0", 8.0)])
+def test_limit_option_reads_counts_fractions_and_percentages(text, value):
+    from rosa2.config import limit_value
+
+    assert limit_value(text) == value
+
+
+@pytest.mark.parametrize("bad", ["0", "-3", "1.5", "150%", "many", "0%"])
+def test_limit_option_refuses_what_is_neither_a_count_nor_a_share(bad, capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--limit", bad, "--help"])
+    err = capsys.readouterr().err
+    assert "--limit" in err and bad in err
+
+
 def test_embedded_humaneval_is_the_shared_file():
     embedded, shared = load("humaneval"), load(f"humaneval:{DATA / 'humaneval.jsonl.gz'}")
     assert len(embedded) == 164 and fingerprint(embedded) == fingerprint(shared)

