@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import sys
 import threading
+import warnings
 
 from rosa2.errors import Rosa2Error
 
@@ -42,7 +44,20 @@ def build_parser(chosen: str | None) -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=help_text, description=help_text)
         if name == chosen:
             importlib.import_module(module).register(command)
+            if not any(action.dest == "verbose" for action in command._actions):
+                command.add_argument("--verbose", action="store_true", help="show the libraries' warnings and progress bars")
     return parser
+
+
+def quiet_libraries() -> None:
+    """What a user cannot act on stays off the terminal: transformers' and the hub's weight-loading
+    bars, their info logs and their FutureWarnings. Set before they are imported; ``--verbose``
+    keeps them. Our own progress bars and every error are untouched."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for module in ("transformers", "peft", "huggingface_hub", "torch"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    if not getattr(args, "verbose", False):
+        quiet_libraries()
     previous = _terminate_as_interrupt()
     try:
         return int(args.func(args) or 0)
