@@ -14,6 +14,13 @@ seconds of the turns it ran after (batched arm; per-session shares of the batch'
 ``time_per_problem_rosa2_over_baseline`` and ``adapt_memory_overhead`` = batched rosa2 over batched
 baseline. Peak memory is CUDA's peak allocated, or on CPU the process's peak RSS (VmHWM), over
 every turn of the arm (the engines reset it per turn; the arm takes the largest).
+
+``ceiling`` (also in a fresh process) says how near generation runs to what this machine allows:
+a decode step must read every weight once (``weight_bytes`` over the bandwidth measured by one
+large read) and do ~2 FLOPs per weight per row (over the matmul rate measured at the shape holding
+most of the model's weights and at that batch size, on one cached matrix); the ceiling at batch B is B tokens per the larger of the two
+times. ``generation_fraction_of_ceiling_b1`` / ``_bB`` put the engines' own generation path
+(``generate_batch``, no adapter, greedy, every row forced to the same length) against it.
 """
 
 from __future__ import annotations
@@ -25,13 +32,14 @@ from typing import Any
 
 from rosa2.config import ConfigError, _help
 
-ARMS = ("sequential", "batched", "baseline")
+ARMS = ("sequential", "batched", "baseline", "ceiling")
 TARGETS = {
     "batched_vs_sequential": ">= 3 at B=8 on the 2-core CPU (>= 10 at B=32 on a GPU)",
     "parametric_over_generate": "<= 0.5",
     "semantic_over_generate": "<= 1.5",
     "adapt_memory_overhead": "<= 1.10",
     "time_per_problem_rosa2_over_baseline": "reported (the paper saw 0.89 on MATH)",
+    "generation_fraction_of_ceiling_bB": ">= 0.5 at B=8",
 }
 TINY = "tiny-random"
 
@@ -40,6 +48,7 @@ TINY = "tiny-random"
 class BenchConfig:
     model: str = _help(f"Model: 'embedded', a hub id, a local directory, or '{TINY}' (tests)", default="embedded")
     device: str = _help("'auto', 'cpu', 'cuda' or 'cuda:N'", default="auto")
+    dtype: str = _help("'auto' (bfloat16 on CUDA, float32 on CPU), 'float32', 'bfloat16', 'float16'", default="auto")
     dataset: str = _help("Problems: a dataset name or file (see `rosa2 datasets`)", default="embedded-math")
     problems: int = _help("Problems per arm (the same ones in every arm)", default=8)
     batch_size: int = _help("Sessions advanced together by the batched engine (B)", default=8)
@@ -74,7 +83,7 @@ class BenchConfig:
         from rosa2.config import AdaptConfig, GenerationConfig, ModelConfig, SemanticConfig, SessionConfig
 
         return {
-            "model": ModelConfig(name="embedded" if self.model == TINY else self.model, device=self.device),
+            "model": ModelConfig(name="embedded" if self.model == TINY else self.model, device=self.device, dtype=self.dtype),
             "session": SessionConfig(method=method, max_turns=self.max_turns, feedback=self.feedback),
             "semantic": SemanticConfig(max_new_tokens=self.semantic_max_new_tokens, batch_size=self.semantic_batch_size),
             "adapt": AdaptConfig(checkpoint_activations=self.checkpoint_activations),
@@ -103,9 +112,89 @@ def _load(cfg: BenchConfig) -> Any:
     return models.load(cfg.engine_configs("rosa2")["model"])
 
 
+def _best_seconds(fn: Any, sync: Any, repeats: int = 5) -> float:
+    """The fastest of ``repeats`` timed calls after one warm-up (the machine's capability, not its load)."""
+    fn()
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _weight_bytes(model: Any) -> tuple[int, int]:
+    """(bytes a decode step reads, multiply-accumulates per generated token): every linear layer's
+    weight, the output head included (a tied head is the embedding table, read once per step; the
+    embedding lookup itself reads only B rows and is left out)."""
+    import torch
+
+    linears = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    return sum(w.numel() * w.element_size() for w in linears), sum(w.numel() for w in linears)
+
+
+def run_ceiling(cfg: BenchConfig, new_tokens: int = 32) -> dict[str, Any]:
+    """This machine's generation ceiling for the model, and the engines' generation tokens/s against
+    it at B = 1 and B = ``batch_size`` (see the module docstring)."""
+    import torch
+
+    from rosa2.batched import left_pad
+    from rosa2.policy import Policy
+
+    loaded = _load(cfg)
+    model, tokenizer, device = loaded.model, loaded.tokenizer, loaded.device
+    dtype = next(model.parameters()).dtype
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    read, macs = _weight_bytes(model)
+    buffer = torch.ones(max(read, 256 * 2**20) // 4, dtype=torch.float32, device=device)
+    bandwidth = buffer.numel() * 4 / _best_seconds(lambda: buffer.sum(), sync)
+    del buffer
+    # the matmul rate at the shape that holds most of the weights (the MLP's, in a transformer),
+    # repeated on one matrix that stays in cache: compute, not the weight reads counted above
+    shapes: dict[tuple[int, int], int] = {}
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            shapes[tuple(m.weight.shape)] = shapes.get(tuple(m.weight.shape), 0) + m.weight.numel()
+    out_features, in_features = max(shapes, key=shapes.__getitem__)
+    weight = torch.randn(out_features, in_features, dtype=dtype, device=device)
+    out: dict[str, Any] = {
+        "weight_bytes_per_step": read, "flops_per_token": 2 * macs, "memory_bandwidth_gb_s": round(bandwidth / 1e9, 2),
+    }
+    prompt = Policy(loaded).prompt_ids([{"role": "user", "content": "Count slowly from one to one thousand, in words."}])
+    for suffix, batch in (("b1", 1), ("bB", cfg.batch_size)):
+        x = torch.randn(batch, in_features, dtype=dtype, device=device)
+        loops = 20
+        rate = loops * 2 * batch * out_features * in_features / _best_seconds(
+            lambda: [torch.nn.functional.linear(x, weight) for _ in range(loops)], sync
+        )
+        step = max(read / bandwidth, batch * 2 * macs / rate)
+        ceiling = batch / step
+        ids, mask, _ = left_pad([prompt] * batch, tokenizer.pad_token_id)
+
+        def generate(n: int) -> None:
+            with torch.no_grad():
+                model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=n, min_new_tokens=n,
+                               do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
+
+        decode = _best_seconds(lambda: generate(new_tokens), sync, repeats=3) - _best_seconds(lambda: generate(1), sync, repeats=3)
+        measured = batch * (new_tokens - 1) / decode
+        out[f"matmul_gflop_s_{suffix}"] = round(rate / 1e9, 1)
+        out[f"bound_{suffix}"] = "memory" if read / bandwidth >= batch * 2 * macs / rate else "compute"
+        out[f"ceiling_tokens_per_s_{suffix}"] = round(ceiling, 1)
+        out[f"generation_tokens_per_s_{suffix}"] = round(measured, 1)
+        out[f"generation_fraction_of_ceiling_{suffix}"] = round(measured / ceiling, 3)
+    out["batch_size"] = cfg.batch_size
+    return out
+
+
 def run_arm(arm: str, cfg: BenchConfig, problems: list[Any]) -> ArmResult:
     """One arm in this process: load, warm up, run every problem, measure wall time and peak memory."""
     import torch
+
+    if arm == "ceiling":
+        return ArmResult(arm=arm, wall_s=0.0, cpu_s=0.0, peak_memory_bytes=0, adapter_bytes=0, results=[], extra=run_ceiling(cfg))
 
     from rosa2.batched import BatchedSessionEngine
     from rosa2.environment import environment_for
@@ -240,6 +329,7 @@ def summarize_arms(cfg: BenchConfig, arms: dict[str, ArmResult]) -> dict[str, An
     from rosa2.metrics import accuracy_at
     from rosa2.records import ProblemResult
 
+    ceiling = arms.pop("ceiling", None)
     results = {name: [ProblemResult.from_dict(r) for r in arm.results] for name, arm in arms.items()}
     per_hour = {name: 3600.0 * len(results[name]) / arm.wall_s for name, arm in arms.items()}
     accuracy = {name: accuracy_at(rs, cfg.max_turns) for name, rs in results.items()}
@@ -286,6 +376,10 @@ def summarize_arms(cfg: BenchConfig, arms: dict[str, ArmResult]) -> dict[str, An
         absolute["kv_cache_prefill_share_of_generate"] = round(
             arms["baseline"].prefill_s / arms["baseline"].prefill_generate_s, 3
         )
+    if ceiling is not None:
+        out["generation_fraction_of_ceiling_b1"] = ceiling.extra["generation_fraction_of_ceiling_b1"]
+        out["generation_fraction_of_ceiling_bB"] = ceiling.extra["generation_fraction_of_ceiling_bB"]
+        absolute["ceiling"] = ceiling.extra
     out["absolute"] = absolute
     out["targets"] = TARGETS
     out["config"] = dataclasses.asdict(cfg)
