@@ -237,3 +237,11 @@ def test_bench_cli_on_the_tiny_model(tmp_path):
     assert set(phases["batched"]) == set(phases["sequential"]) == {"generate", "reward", "semantic", "parametric"}
     for arm, peaks in phases.items():
         assert 0 < max(peaks.values()) <= report["absolute"]["peak_memory_bytes"][arm] / 2**20 + 0.1
+    # how near generation runs to this machine's ceiling for the model, at B = 1 and B = 2
+    ceiling = report["absolute"]["ceiling"]
+    assert ceiling["weight_bytes_per_step"] > 0 and ceiling["memory_bandwidth_gb_s"] > 0
+    for suffix in ("b1", "bB"):
+        assert ceiling[f"bound_{suffix}"] in ("memory", "compute")
+        assert 0 < ceiling[f"generation_tokens_per_s_{suffix}"]
+        assert report[f"generation_fraction_of_ceiling_{suffix}"] == ceiling[f"generation_fraction_of_ceiling_{suffix}"] > 0
+    assert ceiling["flops_per_token"] * 2 == ceiling["weight_bytes_per_step"]  # float32: 4 bytes and 2 FLOPs per weight
