@@ -355,56 +355,92 @@ def _curves_by_method(cells: list[CellSummary], name: str) -> dict[tuple[str, st
     return out
 
 
-def _style(method: str) -> dict[str, Any]:
-    # the Switch ablation is drawn dashed so it reads against the four main methods
-    return {"linestyle": "--" if method.startswith("switch") else "-", "marker": "o", "label": method}
+# one look per line of a panel, in method order: lines that coincide still read apart (and each
+# line is nudged sideways by OFFSET turns so equal curves do not hide one another)
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+LINESTYLES = ("-", "--", "-.", ":")
+OFFSET = 0.06
+
+
+def _draw(ax: Any, series: list[tuple[str, list[float]]], ylabel: str, floor_span: float) -> None:
+    """Lines over turns 1..K with integer turn ticks; all-NaN series are left out. The y range
+    starts at 0 (or the lowest value) and reaches at least ``floor_span`` (1 when everything is 0),
+    so all-zero lines sit on a readable axis."""
+    series = [(label, values) for label, values in series if any(not math.isnan(v) for v in values)]
+    turns = max((len(v) for _, v in series), default=1)
+    middle = (len(series) - 1) / 2
+    for i, (label, values) in enumerate(series):
+        xs = [t + (i - middle) * OFFSET for t in range(1, len(values) + 1)]
+        ax.plot(xs, values, label=label, marker=MARKERS[i % len(MARKERS)], linestyle=LINESTYLES[i % len(LINESTYLES)],
+                markersize=6, linewidth=1.6, alpha=0.9)
+    ax.set_xticks(range(1, turns + 1))
+    ax.set_xlim(0.5, turns + 0.5)
+    finite = [v for _, values in series for v in values if not math.isnan(v)]
+    low, high = min(finite + [0.0]), max(finite + [floor_span])
+    if high == low:  # every value 0 (nothing moved): a unit axis instead of a degenerate one
+        high = low + 1.0
+    margin = 0.06 * (high - low)
+    ax.set_ylim(low - margin, high + margin)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no values in these cells", ha="center", va="center", transform=ax.transAxes, color="grey")
 
 
 def _panels(cells: list[CellSummary]) -> list[tuple[str, str]]:
     return sorted({(c.model, c.dataset) for c in cells})
 
 
-def plot_accuracy(cells: list[CellSummary], path: str | Path) -> Path:
-    """Cumulative accuracy per turn, one line per method, one panel per model × dataset (PNG)."""
+def _sorted_curves(cells: list[CellSummary], name: str) -> list[tuple[tuple[str, str, str], list[float]]]:
+    return sorted(_curves_by_method(cells, name).items(), key=lambda kv: _method_key(kv[0][2]))
+
+
+def accuracy_figure(cells: list[CellSummary]) -> Any:
+    """Cumulative accuracy@turn (%) per method, one panel per model × dataset (a matplotlib figure)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = _panels(cells) or [("", "")]
-    curves = _curves_by_method(cells, "accuracy_at_turn")
+    curves = _sorted_curves(cells, "accuracy_at_turn")
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, (model, dataset) in zip(axes[0], panels):
-        for (m, d, method), values in sorted(curves.items(), key=lambda kv: _method_key(kv[0][2])):
-            if (m, d) == (model, dataset):
-                ax.plot(range(1, len(values) + 1), [100 * v for v in values], **_style(method))
-        ax.set(title=f"{model} · {dataset}", xlabel="turn", ylabel="accuracy@turn (%)")
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    return _save(fig, path)
+        series = [(method, [100 * v for v in values]) for (m, d, method), values in curves if (m, d) == (model, dataset)]
+        _draw(ax, series, "accuracy@turn (%)", floor_span=100.0)
+        ax.set(title=f"{model} · {dataset}", xlabel="turn")
+    return fig
 
 
-def plot_dynamics(cells: list[CellSummary], path: str | Path) -> Path:
-    """Per-turn mean ‖Δθ‖² (parametric stream) and ‖Δx‖² (semantic stream) per method (PNG)."""
+def dynamics_figure(cells: list[CellSummary]) -> Any:
+    """Per-turn mean ‖Δθ‖² (parametric stream) and ‖Δx‖² (semantic stream) per method (a matplotlib figure)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), squeeze=False)
+    several = len(_panels(cells)) > 1
     for ax, name, label in zip(axes[0], ("delta_theta_sq", "delta_x_sq"), ("‖Δθ‖² (weights)", "‖Δx‖² (words)")):
-        curves = _curves_by_method(cells, name)
-        for (model, dataset, method), values in sorted(curves.items(), key=lambda kv: _method_key(kv[0][2])):
-            style = _style(method)
-            style["label"] = method if len(_panels(cells)) == 1 else f"{method} · {model} · {dataset}"
-            ax.plot(range(1, len(values) + 1), values, **style)
-        ax.set(title=label, xlabel="turn (update after)", ylabel=label)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.grid(alpha=0.3)
-        if curves:
-            ax.legend(fontsize=8)
-    return _save(fig, path)
+        series = [
+            (f"{method} · {model} · {dataset}" if several else method, values)
+            for (model, dataset, method), values in _sorted_curves(cells, name)
+        ]
+        _draw(ax, series, label, floor_span=0.0)
+        ax.set(title=label, xlabel="turn (update after)")
+    return fig
+
+
+def plot_accuracy(cells: list[CellSummary], path: str | Path) -> Path:
+    """:func:`accuracy_figure` as a PNG."""
+    return _save(accuracy_figure(cells), path)
+
+
+def plot_dynamics(cells: list[CellSummary], path: str | Path) -> Path:
+    """:func:`dynamics_figure` as a PNG."""
+    return _save(dynamics_figure(cells), path)
 
 
 def _save(fig: Any, path: str | Path) -> Path:
