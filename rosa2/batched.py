@@ -20,7 +20,7 @@ session owns its own parametric-stream adapter θ_b:
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -32,6 +32,7 @@ from rosa2.config import AdaptConfig, ConfigError, GenerationConfig, ModelConfig
 from rosa2.environment import Environment, environment_for
 from rosa2.errors import Rosa2Error
 from rosa2.models import LoadedModel
+from rosa2.policy import reply_length, stop_ids
 from rosa2.records import Problem, ProblemResult, TurnRecord
 from rosa2.session import OnTurn, SessionEngine, _Clock, next_history, problem_seed, uses_streams
 
@@ -208,11 +209,6 @@ class BatchReply:
         return int(self.response_ids.numel())
 
 
-def stop_ids(tokenizer: Any) -> set[int]:
-    eos = tokenizer.eos_token_id
-    return set(eos if isinstance(eos, list) else [eos]) | {tokenizer.pad_token_id}
-
-
 def generate_batch(
     model: Any,
     tokenizer: Any,
@@ -242,7 +238,7 @@ def generate_batch(
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
     start = time.perf_counter()
-    context = lora.rows(slots) if lora is not None and slots is not None else _nothing()
+    context = lora.rows(slots) if lora is not None and slots is not None else nullcontext()
     with torch.no_grad(), context:
         out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
     share = (time.perf_counter() - start) / len(prompts)
@@ -250,16 +246,10 @@ def generate_batch(
     replies = []
     for i, prompt in enumerate(prompts):
         response = out[i, ids.shape[1] :]
-        keep = next((j for j, tok in enumerate(response.tolist()) if tok in stops), len(response))
-        response = response[:keep]
+        response = response[: reply_length(response.tolist(), stops)]
         text = tokenizer.decode(response, skip_special_tokens=True)
         replies.append(BatchReply(text=text, prompt_ids=prompt, response_ids=response, seconds=share))
     return replies
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 # ---------------------------------------------------------------------------------------------

@@ -191,6 +191,7 @@ class SemanticConfig:
 
 
 BASE_METHODS = ("baseline", "textgrad", "rosa", "rosa2")
+FEEDBACK_MODES = ("none", "sparse", "rich")  # the simulated user (rosa2.environment)
 SWITCH_METHODS = ("switch-w2p", "switch-p2w")
 METHOD_RE = re.compile(r"(baseline|textgrad|rosa2?|switch-w2p|switch-p2w)(?:@(\d+))?")
 DEFAULT_SWITCH_TURN = 5
@@ -215,7 +216,7 @@ class SessionConfig:
             raise ConfigError(f"max_turns={self.max_turns!r} must be >= 1")
         if self.parallel_sessions < 1:
             raise ConfigError(f"parallel_sessions={self.parallel_sessions!r} must be >= 1")
-        _check_choice("feedback", self.feedback, ["none", "sparse", "rich"])
+        _check_choice("feedback", self.feedback, FEEDBACK_MODES)
         match = METHOD_RE.fullmatch(self.method)
         allowed = list(BASE_METHODS) + [f"{m}@k" for m in SWITCH_METHODS]
         if not match:

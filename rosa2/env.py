@@ -14,6 +14,21 @@ from pathlib import Path
 _SOURCE_ROOT = Path(__file__).resolve().parents[1]
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (one we may not signal counts); a zombie counts as gone."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
 def home() -> Path:
     """The project home: ``$ROSA2_HOME``, else ``.rosa2/`` beside a source checkout.
 

@@ -16,12 +16,11 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, NamedTuple
 
-from rosa2.config import RewardConfig, SandboxConfig, _check_choice
+from rosa2.config import FEEDBACK_MODES, RewardConfig, SandboxConfig, _check_choice
 from rosa2.errors import Rosa2Error
 from rosa2.records import Problem, RewardResult
 
 SPARSE_MESSAGE = "That is not correct. Please try again."
-FEEDBACK_MODES = ("none", "sparse", "rich")
 
 Scorer = Callable[[str], RewardResult]
 

@@ -38,6 +38,17 @@ def context_length(model: Any) -> int | None:
     return None
 
 
+def stop_ids(tokenizer: Any) -> set[int]:
+    """The tokens that end a reply: every EOS id of the tokenizer and its pad id."""
+    eos = tokenizer.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos]) | {tokenizer.pad_token_id}
+
+
+def reply_length(tokens: list[int], stops: set[int]) -> int:
+    """How many of the generated ``tokens`` are the reply: up to the first stop token."""
+    return next((i for i, tok in enumerate(tokens) if tok in stops), len(tokens))
+
+
 @dataclass
 class Reply:
     text: str
@@ -107,13 +118,6 @@ class Policy:
             )
         self.turn_cache.keep(self.model, out.sequences[0].tolist(), out.cache)
         response = out.sequences[0, prompt.numel():]
-        eos = self.tokenizer.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.pad_token_id}
-        keep = len(response)
-        for i, tok in enumerate(response.tolist()):
-            if tok in eos_ids:
-                keep = i
-                break
-        response = response[:keep]
+        response = response[: reply_length(response.tolist(), stop_ids(self.tokenizer))]
         text = self.tokenizer.decode(response, skip_special_tokens=True)
         return Reply(text=text, prompt_ids=prompt, response_ids=response, seconds=time.perf_counter() - start)

@@ -25,12 +25,12 @@ import time
 import urllib.error
 import urllib.request
 from base64 import b64encode
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 from rosa2 import env
-from rosa2.config import ConfigError, TrackingConfig
+from rosa2.config import ConfigError, TrackingConfig, _help
 from rosa2.errors import Rosa2Error
 
 SERVICES = ("prefect", "mlflow")
@@ -39,10 +39,6 @@ MLFLOW_AUTH_TEMPLATE = "basic_auth.ini"  # under <source>/mlflow/
 
 class StackError(Rosa2Error):
     """A server did not start, stop or answer as expected; the message says which and where its log is."""
-
-
-def _help(text: str, **kw):  # same shape as rosa2.config fields: default + help text
-    return field(metadata={"help": text}, **kw)
 
 
 @dataclass
@@ -174,27 +170,12 @@ def require(tracking: TrackingConfig, names: tuple[str, ...] = SERVICES) -> None
         )
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie child of this very process counts as gone
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
 def _read_pid(service: Service) -> dict | None:
     try:
         info = json.loads(service.pid_file.read_text())
     except (OSError, ValueError):
         return None
-    return info if _pid_alive(int(info["pid"])) else None
+    return info if env.pid_alive(int(info["pid"])) else None
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -366,9 +347,9 @@ def stop(name: str, tracking: TrackingConfig, timeout: float = 20.0, home: Path 
         except ProcessLookupError:
             break
         deadline = time.monotonic() + wait
-        while _pid_alive(pid) and time.monotonic() < deadline:
+        while env.pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.2)
-        if not _pid_alive(pid):
+        if not env.pid_alive(pid):
             break
     service.pid_file.unlink(missing_ok=True)
     return ServiceStatus(name, service.url, False, None, service.log, f"stopped pid {pid}")

@@ -42,6 +42,7 @@ from textgrad.engine import EngineLM
 
 from rosa2.errors import Rosa2Error
 from rosa2.kvcache import PrefixStore, preallocated_cache
+from rosa2.policy import reply_length, stop_ids
 
 # TextGrad logs every prompt at INFO to its own file (TEXTGRAD_LOG_DIR, under the project home);
 # propagated to the root logger those lines flooded the console of `rosa2 run` through Prefect.
@@ -247,11 +248,10 @@ class LocalEngine(ChatEngine):
                 stop_strings=[TGD_TAGS[1]],
                 tokenizer=self.tokenizer,
             )
-        eos = self.tokenizer.eos_token_id
-        stop = set(eos if isinstance(eos, list) else [eos]) | {pad}
+        stops = stop_ids(self.tokenizer)
         replies = []
         for row, tagged in zip(out[:, width:].tolist(), prefilled):
-            end = next((i for i, tok in enumerate(row) if tok in stop), len(row))
+            end = reply_length(row, stops)
             text = self.tokenizer.decode(row[:end], skip_special_tokens=True)
             closed = TGD_TAGS[1] in text
             cut = end >= self.max_new_tokens and not closed

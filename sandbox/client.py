@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rosa2 import env
 from rosa2.config import SandboxConfig
 from sandbox.harness import RELAY, ZYGOTE_READY
 from sandbox.image import LABEL, SandboxError, docker_client, image_exists
@@ -582,16 +583,8 @@ def leftover_containers(client: Any = None, all_owners: bool = False) -> list[An
     for container in found:
         owner_host, pid = (container.labels.get(OWNER_LABEL, "").split(":") + ["", ""])[:2]
         # Another host's containers are never judged from here: their owner may be alive.
-        if owner_host == host and (not pid.isdigit() or not _alive(int(pid))):
+        if owner_host == host and (not pid.isdigit() or not env.pid_alive(int(pid))):
             stale.append(container)
     return stale
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
