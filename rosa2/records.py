@@ -6,8 +6,17 @@ tables. Keep them flat so a JSONL line round-trips with ``asdict`` / ``from_dict
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+
+def digest(payload: Any, length: int = 16) -> str:
+    """A short stable hash of a JSON-able payload (sorted keys; anything else by its str): the one
+    hash behind dataset fingerprints, problem and cell keys and snapshot names."""
+    text = json.dumps(payload, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
 @dataclass

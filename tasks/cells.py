@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
-import hashlib
 import json
 import os
 import socket
@@ -30,15 +29,9 @@ from rosa2.config import (
     TrackingConfig, flatten,
 )
 from rosa2.errors import Rosa2Error
-from rosa2.records import Problem, ProblemResult
+from rosa2.records import Problem, ProblemResult, digest
 
 KEY_VERSION = "1"  # bump when the meaning of a stored result changes
-
-
-def digest(payload: Any, length: int = 16) -> str:
-    """A short stable hash of a JSON-able payload."""
-    text = json.dumps(payload, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
 @dataclass

@@ -130,7 +130,8 @@ def test_rosa2_run_has_demo_size_defaults_that_flags_override(capsys):
     from rosa2.cli.run import base_cell, run_cells
 
     cell = base_cell(build_parser("run").parse_args(["run"]))
-    assert (cell.generation.max_new_tokens, cell.semantic.max_new_tokens, cell.data.limit) == (64, 64, 3)
+    assert (cell.generation.max_new_tokens, cell.semantic.max_new_tokens, cell.data.limit) == (48, 64, 8)
+    assert (cell.data.dataset, cell.session.max_turns, cell.session.parallel_sessions) == ("embedded-choice", 3, 8)
     cell = base_cell(build_parser("run").parse_args(["run", "--max-new-tokens", "200", "--semantic-max-new-tokens", "300"]))
     assert (cell.generation.max_new_tokens, cell.semantic.max_new_tokens) == (200, 300)
     with pytest.raises(SystemExit):

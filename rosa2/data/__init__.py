@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import hashlib
 import json
 import random
 import zlib
@@ -31,7 +30,7 @@ from rosa2.config import DataConfig
 from rosa2.data import embedded
 from rosa2.data.layouts import LAYOUTS, Layout, Row, RowError, detect
 from rosa2.errors import Rosa2Error
-from rosa2.records import Problem
+from rosa2.records import Problem, digest
 
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 
@@ -241,8 +240,7 @@ def check(cfg: DataConfig) -> int | None:
 
 def fingerprint(problems: list[Problem]) -> str:
     """A stable 16-hex-digit hash of the problems in order (ids, prompts, golds, tests, metadata)."""
-    blob = json.dumps([dataclasses.asdict(p) for p in problems], sort_keys=True, ensure_ascii=False, default=str)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+    return digest([dataclasses.asdict(p) for p in problems])
 
 
 __all__ = ["KNOWN", "DatasetSpec", "check", "fingerprint", "is_hub", "load_problems"]
