@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -197,6 +198,16 @@ METHOD_RE = re.compile(r"(baseline|textgrad|rosa2?|switch-w2p|switch-p2w)(?:@(\d
 DEFAULT_SWITCH_TURN = 5
 
 
+@functools.lru_cache(maxsize=64)
+def _parse_method(method: str) -> tuple[str, int | None]:
+    """(method name, Switch turn k or None), parsed once per method string (streams_at asks every turn)."""
+    match = METHOD_RE.fullmatch(method)
+    assert match is not None, method  # SessionConfig checked the form
+    if match.group(1) not in SWITCH_METHODS:
+        return match.group(1), None
+    return match.group(1), int(match.group(2)) if match.group(2) is not None else DEFAULT_SWITCH_TURN
+
+
 @dataclass
 class SessionConfig:
     method: str = _help(
@@ -237,14 +248,11 @@ class SessionConfig:
 
     @property
     def method_name(self) -> str:
-        return METHOD_RE.fullmatch(self.method).group(1)  # type: ignore[union-attr]
+        return _parse_method(self.method)[0]
 
     @property
     def switch_turn(self) -> int | None:
-        if self.method_name not in SWITCH_METHODS:
-            return None
-        k = METHOD_RE.fullmatch(self.method).group(2)  # type: ignore[union-attr]
-        return int(k) if k is not None else DEFAULT_SWITCH_TURN
+        return _parse_method(self.method)[1]
 
     def streams_at(self, turn: int) -> tuple[bool, bool]:
         """(words on, weights on) for the update made after turn ``turn`` (1-based).
