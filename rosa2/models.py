@@ -32,6 +32,13 @@ EMBEDDED_DIRNAME = "SmolLM2-135M-Instruct"
 MANIFEST = "rosa2-manifest.json"
 
 
+def display_name(name: str) -> str:
+    """What a person calls a model in tables, run names and tags: the embedded model's own name,
+    else the last part of a hub id or a directory (``Qwen/Qwen3-8B`` and ``./models/Qwen3-8B`` both
+    read ``Qwen3-8B``; the full name stays in the run's params)."""
+    return EMBEDDED_DIRNAME if name in EMBEDDED_ALIASES else Path(name.rstrip("/")).name or name
+
+
 class ModelError(Rosa2Error):
     """A model cannot be found or its files are not what we expect."""
 

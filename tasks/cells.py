@@ -29,6 +29,7 @@ from rosa2.config import (
     TrackingConfig, flatten,
 )
 from rosa2.errors import Rosa2Error
+from rosa2.models import display_name
 from rosa2.records import Problem, ProblemResult, digest
 
 KEY_VERSION = "1"  # bump when the meaning of a stored result changes
@@ -75,8 +76,7 @@ class Cell:
         return digest({"v": KEY_VERSION, "params": flatten(**self.run_configs()), "problem": dataclasses.asdict(problem)}, 24)
 
     def name(self) -> str:
-        model = Path(self.model.name).name if "/" in self.model.name and Path(self.model.name).exists() else self.model.name
-        return f"{self.method} · {model} · {Path(self.data.dataset).name} · seed {self.seed}"
+        return f"{self.method} · {display_name(self.model.name)} · {Path(self.data.dataset).name} · seed {self.seed}"
 
     def replace(self, **sections: Any) -> "Cell":
         """A copy with some sections replaced, e.g. ``cell.replace(session=SessionConfig(method="rosa"))``."""

@@ -170,3 +170,13 @@ def test_every_command_prints_its_help(command, capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith(f"usage: rosa2 {command}")
+
+
+@pytest.mark.parametrize("name, shown", [
+    ("embedded", "SmolLM2-135M-Instruct"), ("smollm2", "SmolLM2-135M-Instruct"), ("Qwen/Qwen3-8B", "Qwen3-8B"),
+    ("./models/Qwen3-8B", "Qwen3-8B"), ("/abs/models/Qwen3-8B/", "Qwen3-8B"), ("gpt2", "gpt2"),
+])
+def test_one_display_name_for_a_model_everywhere(name, shown):
+    from rosa2.models import display_name
+
+    assert display_name(name) == shown

@@ -10,6 +10,7 @@ from rosa2.config import TrackingConfig, add_arguments, from_args
 
 def study_cells(tracking: TrackingConfig) -> list:
     """Every finished cell of the study as a report.CellSummary (metrics as logged)."""
+    from rosa2.models import display_name
     from rosa2.report import CellSummary
     from tasks import tracking as tr
 
@@ -19,7 +20,7 @@ def study_cells(tracking: TrackingConfig) -> list:
         tags, params = run.data.tags, run.data.params
         model = params.get("model.name", tags.get("rosa2.model", "?"))
         cells.append(CellSummary(
-            model=model.rstrip("/").split("/")[-1] if model.startswith("/") else model,
+            model=display_name(model),
             dataset=params.get("data.dataset", "?").rstrip("/").split("/")[-1],
             method=params.get("session.method", tags.get("rosa2.method", "?")),
             seed=int(params.get("generation.seed", 0)),
