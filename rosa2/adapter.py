@@ -22,6 +22,8 @@ adapted model equals the base model until the first step; the first step moves o
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 import time
 from contextlib import contextmanager
@@ -34,6 +36,9 @@ from rosa2.models import LoadedModel, ModelError
 from rosa2.policy import Policy
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+METADATA_FILE = "rosa2.json"  # beside adapter_config.json: where the base model came from
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the embedded model's hub repository
 
 
 @dataclass
@@ -303,9 +308,8 @@ class ParametricStream:
     # -- persistence: the adapter only, in PEFT's layout (PeftModel.from_pretrained reads it) --
 
     def save(self, path: str | Path) -> Path:
-        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for the current θ."""
-        import copy
-
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for the current θ, and
+        ``rosa2.json`` (``write_adapter_config``)."""
         from peft.utils import get_peft_model_state_dict
         from safetensors.torch import save_file
 
@@ -313,9 +317,7 @@ class ParametricStream:
         path.mkdir(parents=True, exist_ok=True)
         state = get_peft_model_state_dict(self.policy.model, adapter_name=self.adapter_name)
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path / ADAPTER_WEIGHTS))
-        config = copy.deepcopy(self.policy.model.peft_config[self.adapter_name])
-        config.base_model_name_or_path = self.policy.source
-        config.save_pretrained(str(path))
+        write_adapter_config(path, self.policy.model.peft_config[self.adapter_name], self.policy.source)
         return path
 
     def load(self, path: str | Path) -> None:
@@ -333,3 +335,78 @@ class ParametricStream:
             raise ConfigError(f"adapter at {path} has LoRA structure {theirs}; this engine expects {mine}")
         weights = load_peft_weights(str(path), device=str(self.policy.device))
         set_peft_model_state_dict(self.policy.model, weights, adapter_name=self.adapter_name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapters anyone can load: the config PEFT reads, rosa2.json beside it, and loading one back
+
+
+def base_metadata(source: str | None) -> dict[str, Any]:
+    """What an adapter says about its base model, from the ``source`` rosa2 loaded it from.
+
+    ``base_model`` is the portable name written into ``adapter_config.json``'s
+    ``base_model_name_or_path``: the hub id when one is known (the embedded model's is
+    ``EMBEDDED_HUB_ID``; a hub id source is its own), else the local directory (no hub id exists
+    for it). ``rosa2_model`` is what ``--model`` takes to load the same weights with rosa2 on any
+    machine; ``local_path`` is where this machine read them (None for a hub id)."""
+    from rosa2 import models
+
+    if not source:
+        return {"base_model": None, "rosa2_model": None, "local_path": None}
+    path = Path(source)
+    if path.is_dir() and path.resolve() == models.embedded_cache_dir().resolve():
+        return {
+            "base_model": EMBEDDED_HUB_ID, "rosa2_model": "embedded", "local_path": str(path.resolve()),
+            "weights": f"{models.EMBEDDED_GGUF} of {models.EMBEDDED_PIP} (sha256 {models.EMBEDDED_GGUF_SHA256}) "
+            f"dequantised to float32: the weights this adapter was fitted to. The hub's {EMBEDDED_HUB_ID} holds "
+            "the unquantised originals, on which the adapter's logits differ by the quantisation error",
+        }
+    if path.is_dir():
+        return {"base_model": str(path.resolve()), "rosa2_model": str(path.resolve()), "local_path": str(path.resolve())}
+    return {"base_model": source, "rosa2_model": source, "local_path": None}
+
+
+def write_adapter_config(path: Path, config: Any, source: str | None) -> None:
+    """Write ``adapter_config.json`` as ``peft.AutoPeftModelForCausalLM.from_pretrained(path)`` reads
+    it (``task_type`` CAUSAL_LM, the base under its portable name, ``base_metadata``) and
+    ``rosa2.json`` beside it with the whole ``base_metadata``. Used by both engines' saves."""
+    base = base_metadata(source)
+    config = copy.deepcopy(config)
+    config.task_type = "CAUSAL_LM"
+    config.base_model_name_or_path = base["base_model"]
+    config.save_pretrained(str(path))
+    (Path(path) / METADATA_FILE).write_text(json.dumps(base, indent=1) + "\n")
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """``rosa2.json`` of an adapter directory ({} for an adapter saved before it existed)."""
+    file = Path(path) / METADATA_FILE
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
+def check_adapter_dir(path: str | Path) -> Path:
+    """``path`` as a directory holding a PEFT adapter, or a ConfigError naming what is missing."""
+    path = Path(path).expanduser()
+    missing = [name for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (path / name).is_file()]
+    if not path.is_dir() or missing:
+        what = "is not a directory" if not path.is_dir() else f"has no {' or '.join(missing)}"
+        raise ConfigError(f"adapter {str(path)!r} {what}; expected a directory written by --save-adapter or `rosa2 adapters pull`")
+    return path
+
+
+def merge_adapter(loaded: LoadedModel, path: str | Path) -> LoadedModel:
+    """``loaded`` with the saved adapter's θ merged into its weights (W + (α/r)·B·A per target):
+    the model ``--adapter`` runs. A session on it starts its own θ at 0 on top of the merged
+    weights, so the semantic stream's base critic (adapter off) sees the merged model too."""
+    from peft import PeftModel
+
+    path = check_adapter_dir(path)
+    fitted = read_metadata(path).get("base_model") or "an unrecorded base"
+    try:
+        model = PeftModel.from_pretrained(loaded.model, str(path)).merge_and_unload()
+    except (RuntimeError, ValueError, KeyError) as exc:  # shape mismatch, missing target modules
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"adapter {str(path)!r} (fitted to {fitted}) does not fit model {loaded.source}: {first}"
+        ) from None
+    return LoadedModel(model=model.eval(), tokenizer=loaded.tokenizer, source=loaded.source, device=loaded.device)

@@ -149,10 +149,11 @@ class RowLoRA:
         """Write θ_slot in PEFT's adapter layout: ``adapter_config.json`` + ``adapter_model.safetensors``
         with the keys ``get_peft_model_state_dict`` gives ``ParametricStream``, so
         ``SessionEngine.load_adapter``, ``PeftModel.from_pretrained`` and ``rosa2 adapters show`` read
-        it as they read an adapter the one-at-a-time engine saved. ``base_model`` goes into the config."""
+        it as they read an adapter the one-at-a-time engine saved. ``base_model`` (the model's source) goes
+        into the config and ``rosa2.json`` (``rosa2.adapter.write_adapter_config``)."""
         from safetensors.torch import save_file
 
-        from rosa2.adapter import ADAPTER_WEIGHTS, lora_config
+        from rosa2.adapter import ADAPTER_WEIGHTS, lora_config, write_adapter_config
 
         if not 0 <= slot < self.slots:
             raise ValueError(f"slot {slot} outside 0..{self.slots - 1}")
@@ -164,7 +165,7 @@ class RowLoRA:
             state[f"base_model.model.{name}.lora_A.weight"] = a[slot].detach().to("cpu", copy=True)
             state[f"base_model.model.{name}.lora_B.weight"] = b[slot].detach().to("cpu", copy=True)
         save_file(state, str(path / ADAPTER_WEIGHTS))
-        lora_config(self.cfg, base_model).save_pretrained(str(path))
+        write_adapter_config(path, lora_config(self.cfg), base_model)
         return path
 
     def remove(self) -> None:

@@ -157,7 +157,7 @@ def test_save_adapter_writes_a_peft_adapter_that_reproduces_the_model(tiny, tmp_
     engine = SessionEngine(tiny, SessionConfig(method="rosa", max_turns=2), generation=GenerationConfig(max_new_tokens=8))
     engine.run(Problem(id="p", prompt="Say 7.", domain="math", answer="nope"), ExactMatchEnvironment())
     path = engine.save_adapter(tmp_path / "adapter")
-    assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "rosa2.json"]
     assert json.loads((path / "adapter_config.json").read_text())["r"] == 8
 
     ids = torch.tensor([[5, 6, 7, 8]])
