@@ -140,11 +140,28 @@ def prepare_platform(tracking: TrackingConfig, verbose: bool = False, cells: Any
     stack.require(tracking)
     os.environ["MLFLOW_TRACKING_URI"] = tracking.mlflow_uri
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # print_outcome names every run once
-    if not verbose:
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # read when prefect is first imported
+    quiet_console(verbose)
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     return temporary_settings({PREFECT_API_URL: tracking.prefect_api_url})
+
+
+def quiet_console(verbose: bool = False) -> None:
+    """Unless ``verbose``, Prefect's console handler shows only warnings and errors. Only that
+    handler: the loggers keep their INFO level, so the API handler still sends every record of a
+    flow run (state changes, our warnings) to the server's logs, however quiet the terminal. Set on
+    the live handler, so it holds whether or not Prefect was imported before."""
+    if verbose:
+        return
+    import logging
+
+    from prefect.logging.configuration import ensure_logging_setup
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    ensure_logging_setup()  # Prefect's handlers exist from here on (else on first use of a flow)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler):
+            handler.setLevel(logging.WARNING)
 
 
 def _clean(value: Any) -> Any:
