@@ -14,11 +14,12 @@ Prefect flow run marked Crashed by the next holder. A run the flow does not fini
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 
-from rosa2 import metrics
+from rosa2 import metrics, report
 from rosa2.config import TrackingConfig
 from rosa2.report import CellSummary
 from tasks import publish, sessions
@@ -58,6 +59,54 @@ def flow_run_id() -> str | None:
     from prefect.runtime import flow_run
 
     return flow_run.id
+
+
+def model_label(name: str) -> str:
+    """What a person calls the model: the embedded model's own name, else the last part of a hub id
+    or a directory."""
+    from rosa2.models import EMBEDDED_ALIASES, EMBEDDED_DIRNAME
+
+    return EMBEDDED_DIRNAME if name in EMBEDDED_ALIASES else Path(name).name or name
+
+
+def cell_run_name(cell: Cell) -> str:
+    """The cell's flow-run name in the Prefect UI: method · model · dataset · seed."""
+    return f"{cell.method} · {model_label(cell.model.name)} · {Path(cell.data.dataset).name} · s{cell.seed}"
+
+
+def cell_tags(cell: Cell, study: str) -> list[str]:
+    """Tags to filter the Prefect runs list by (the UI's Tags filter): study, method, model, dataset."""
+    return [f"study:{study}", f"method:{cell.method}", f"model:{model_label(cell.model.name)}",
+            f"dataset:{Path(cell.data.dataset).name}"]
+
+
+def _name_from_parameters() -> str:
+    from prefect.runtime import flow_run
+
+    return cell_run_name(flow_run.parameters["cell"])
+
+
+def label_flow_run(tags: list[str], name: str | None = None) -> None:
+    """Add ``tags`` to the flow run we are in (and rename it). Prefect takes a run's tags only from
+    the caller's ``prefect.tags`` context at creation; set here, they hold however the flow was
+    started (``rosa2 run``, a sweep, a pool worker, the nightly deployment). Best effort."""
+    from prefect import get_client
+
+    try:
+        with get_client(sync_client=True) as pc:
+            run = pc.read_flow_run(flow_run_id())
+            pc.update_flow_run(run.id, name=name, tags=sorted({*run.tags, *tags}))
+    except Exception as exc:  # noqa: BLE001 - a label must not stop a run
+        get_run_logger().warning("could not tag this flow run %s: %s", tags, exc)
+
+
+def publish_cell_page(outcome: CellOutcome) -> None:
+    """The cell's markdown artifact on its flow run (Prefect UI, Artifacts tab): its table and a link
+    to the MLflow run that holds the rest. One key per cell, so reruns are versions of one artifact."""
+    from prefect.artifacts import create_markdown_artifact
+
+    markdown = f"**MLflow run:** [{outcome.name}]({outcome.url})\n\n" + report.render([outcome.summary], outcome.name)
+    create_markdown_artifact(markdown, key=f"rosa2-cell-{outcome.cell_key}", description=outcome.name)
 
 
 def _say(message: str) -> None:
@@ -100,9 +149,10 @@ def _summary_from_tracking(tracking: TrackingConfig, cell: Cell, run_id: str) ->
     return publish.cell_summary(cell, tr.summary_from_run(mc, mc.get_run(run_id)), run_id)
 
 
-@flow(name="experiment", validate_parameters=False, log_prints=True)
+@flow(name="experiment", flow_run_name=_name_from_parameters, validate_parameters=False, log_prints=True)
 def experiment(cell: Cell, tracking: TrackingConfig, parent_run_id: str | None = None, progress: bool = True) -> CellOutcome:
     """One cell: prepare dataset → run sessions → evaluate code → aggregate → log."""
+    label_flow_run(cell_tags(cell, tracking.study))
     store = ResultStore()
     dataset = sessions.prepare_dataset(cell.data)
     key = cell.key(dataset.fingerprint)
@@ -113,17 +163,20 @@ def experiment(cell: Cell, tracking: TrackingConfig, parent_run_id: str | None =
         if run.complete:
             get_run_logger().info("cell %s already finished in %s: skipped", key, run.url)
             summary = _summary_from_tracking(tracking, cell, run.run_id)
-            return CellOutcome(cell.name(), key, run.run_id, run.url, True, summary, flow_run_url())
-        with tr.ends_honestly(tracking, run.run_id):  # FAILED / KILLED, never left RUNNING
-            with tr.system_metrics(run.run_id):  # GPU utilisation and memory, on GPU hosts only
-                results = sessions.run_sessions(cell, dataset.problems, store, tracking.adapters, progress)
-            results = sessions.evaluate_code(cell, dataset.problems, results, store)
-            summary = sessions.aggregate(results, cell.session.max_turns)
-            for caution in metrics.warnings(summary, cell.method):  # on the Prefect server too, however quiet the console
-                get_run_logger().warning("%s: %s", cell.name(), caution)
-            publish.log_cell(tracking, run.run_id, cell, key, dataset, results, summary, store)
-    outcome_summary = publish.cell_summary(cell, summary, run.run_id)
-    return CellOutcome(cell.name(), key, run.run_id, run.url, False, outcome_summary, flow_run_url())
+            outcome = CellOutcome(cell.name(), key, run.run_id, run.url, True, summary, flow_run_url())
+        else:
+            with tr.ends_honestly(tracking, run.run_id):  # FAILED / KILLED, never left RUNNING
+                with tr.system_metrics(run.run_id):  # GPU utilisation and memory, on GPU hosts only
+                    results = sessions.run_sessions(cell, dataset.problems, store, tracking.adapters, progress)
+                results = sessions.evaluate_code(cell, dataset.problems, results, store)
+                summary = sessions.aggregate(results, cell.session.max_turns)
+                for caution in metrics.warnings(summary, cell.method):  # on the Prefect server too, however quiet the console
+                    get_run_logger().warning("%s: %s", cell.name(), caution)
+                publish.log_cell(tracking, run.run_id, cell, key, dataset, results, summary, store)
+            outcome = CellOutcome(cell.name(), key, run.run_id, run.url, False,
+                                  publish.cell_summary(cell, summary, run.run_id), flow_run_url())
+    publish_cell_page(outcome)
+    return outcome
 
 
 def group_key(kind: str, cells: list[Cell]) -> str:
@@ -137,6 +190,7 @@ def run_group(cells: list[Cell], tracking: TrackingConfig, name: str, kind: str,
     ``scaleout`` (a :class:`flows.scaleout.ScaleoutConfig`) fans the cells out to a work pool or
     Ray first; the loop below then only gathers their summaries (finished cells are skipped)."""
     key = group_key(kind, cells)
+    label_flow_run(sorted({f"kind:{kind}", *(t for c in cells for t in cell_tags(c, tracking.study))}), f"{tracking.study} · {name}")
     with claim(key, kind, on_wait=_say, flow_run_id=flow_run_id()) as previous:
         crash_abandoned(previous, kind, key)
         parent = publish.open_group(tracking, key, name, kind)

@@ -202,6 +202,15 @@ def ensure_retry_automation(deployment_id: Any, lost_after_s: int) -> None:
         ).create()
 
 
+def _run_name(parameters: dict[str, Any]) -> str | None:
+    """The pool run's name in the Prefect UI (method · model · dataset · seed) when it runs a cell."""
+    from flows.experiment import cell_run_name
+    from tasks.cells import Cell
+
+    cell = parameters.get("cell")
+    return cell_run_name(cell) if isinstance(cell, Cell) else None
+
+
 def _run_on_pool(cells: list[dict[str, Any]], cfg: ScaleoutConfig) -> list[dict[str, Any]]:
     from prefect.deployments import run_deployment
 
@@ -209,7 +218,7 @@ def _run_on_pool(cells: list[dict[str, Any]], cfg: ScaleoutConfig) -> list[dict[
     runs = [
         run_deployment(
             deployment, parameters={"entrypoint": cfg.entrypoint, "parameters": cell, "max_attempts": cfg.max_attempts},
-            timeout=0, tags=[CELL_TAG],
+            timeout=0, tags=[CELL_TAG], flow_run_name=_run_name(cell),
             idempotency_key=f"{deployment}:{cfg.entrypoint}:{cell_key(cell)}",  # a rerun finds the same runs
         )
         for cell in cells
