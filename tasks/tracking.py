@@ -347,12 +347,23 @@ def system_metrics(run_id: str) -> Iterator[None]:
         monitor.finish()
 
 
-def register_adapter(mc: Any, run_id: str, problem_id: str, name: str, alias: str) -> Any:
-    """Promote a session's adapter to the Model Registry under ``name`` with ``alias``."""
+def register_adapter(
+    mc: Any, run_id: str, problem_id: str, name: str, alias: str, model_dir: Path | None = None, base_model: str | None = None,
+) -> Any:
+    """Promote a session's adapter to the Model Registry under ``name`` with ``alias``.
+
+    With ``model_dir`` (the adapter as an MLflow model, ``rosa2.cli.adapter_source.mlflow_model``)
+    that model is logged under the run's ``models/<problem id>`` and registered, so
+    ``mlflow.transformers.load_model("models:/NAME@ALIAS")`` loads the version; without it the bare
+    adapter folder is. ``base_model`` (the base the adapter was fitted to, by its hub id when known)
+    is the version's ``base_model`` tag; the run's ``model.name`` param stands in without it."""
     from mlflow.exceptions import MlflowException
 
     run = mc.get_run(run_id)
-    source = f"{run.info.artifact_uri.rstrip('/')}/adapters/{safe_name(problem_id)}"
+    artifact = f"{'models' if model_dir is not None else 'adapters'}/{safe_name(problem_id)}"
+    if model_dir is not None:
+        mc.log_artifacts(run_id, str(model_dir), artifact)
+    source = f"{run.info.artifact_uri.rstrip('/')}/{artifact}"
     try:
         mc.create_registered_model(name, tags={"rosa2.kind": "adapter"})
     except MlflowException as exc:
@@ -360,7 +371,7 @@ def register_adapter(mc: Any, run_id: str, problem_id: str, name: str, alias: st
             raise
     version = mc.create_model_version(
         name, source=source, run_id=run_id,
-        tags={"rosa2.problem_id": problem_id, "base_model": run.data.params.get("model.name", "")},
+        tags={"rosa2.problem_id": problem_id, "base_model": base_model or run.data.params.get("model.name", "")},
     )
     mc.set_registered_model_alias(name, alias, version.version)
     return version

@@ -3,7 +3,8 @@ that cells kept under their retention policy.
 
 ``list STUDY`` finds them; ``pull RUN PROBLEM`` downloads one; ``show RUN PROBLEM`` loads it onto
 its base model (the run's ``model.name``) and prints per-layer norms; ``promote RUN PROBLEM
---name N --alias A`` registers it in the MLflow Model Registry under an alias.
+--name N --alias A`` registers it in the MLflow Model Registry under an alias, as an MLflow
+``transformers`` model (``rosa2.cli.adapter_source.mlflow_model``) tagged with its real base model.
 """
 
 from __future__ import annotations
@@ -71,12 +72,26 @@ def layer_norms(base: Any, adapter_dir: Path) -> list[tuple[str, float, float, f
     return rows
 
 
+def promote(mc: Any, run_id: str, problem: str, name: str, alias: str, dest: str | Path | None = None) -> Any:
+    """Register the kept adapter of (run, problem) as an MLflow transformers model under ``name`` /
+    ``alias``; the version's ``base_model`` tag is the base it was fitted to (its hub id when known)."""
+    import tempfile
+
+    from rosa2.cli import adapter_source
+    from tasks import tracking as tr
+
+    path = pull(mc, run_id, problem, dest)
+    with tempfile.TemporaryDirectory() as tmp:
+        base = adapter_source.mlflow_model(path, Path(tmp) / "model", mc.get_run(run_id).data.params.get("model.name"))
+        return tr.register_adapter(mc, run_id, problem, name, alias, model_dir=Path(tmp) / "model", base_model=base)
+
+
 def cmd(args: argparse.Namespace) -> int:
     mc, tracking = _client(args)
     if args.action == "list":
         rows = list_adapters(mc, tracking.study)
         if not rows:
-            print(f"study {tracking.study!r} has no kept adapters (retention policy: TrackingConfig.adapters)")
+            print(f"study {tracking.study!r} has no kept adapters (retention: `rosa2 run --adapters`; see `rosa2 adapters --help`)")
         for row in rows:
             print(f"{row['run_id']}  {row['problem']:24s} {row['method']:14s} {row['model']}  {row['dataset']}")
         return 0
@@ -103,12 +118,31 @@ def cmd(args: argparse.Namespace) -> int:
 
         if not args.name:
             raise Rosa2Error("`rosa2 adapters promote` needs --name (the registered model name)")
-        version = tr.register_adapter(mc, args.run_id, args.problem, args.name, args.alias)
+        version = promote(mc, args.run_id, args.problem, args.name, args.alias, args.dest)
         print(f"registered {args.name} version {version.version} with alias {args.alias!r} (source {version.source})")
+        print(f"try it: rosa2 chat --adapter models:/{args.name}@{args.alias}")
     return 0
 
 
+RETENTION = """\
+retention: which adapters a cell keeps (`rosa2 run|ablate|sweep --adapters POLICY`; a sweep YAML's
+tracking: {adapters: POLICY}). Only sessions in which the parametric stream made an update
+(methods rosa, rosa2, switch-*) have an adapter to keep.
+  final      (default) at most one per cell: the adapter of the cell's last problem
+  all        one per problem
+  corrected  one per problem that failed turn 1 and was solved later
+  none       none
+A kept adapter is adapters/<problem id> in the cell's MLflow run: adapter_config.json (task_type
+CAUSAL_LM; base_model_name_or_path is the base's hub id when known, e.g.
+HuggingFaceTB/SmolLM2-135M-Instruct for the embedded model, else its local directory),
+adapter_model.safetensors, and rosa2.json (the local base directory, the --model name that loads
+it, what its weights are). `promote` registers it as an MLflow transformers model; try it with
+`rosa2 chat|session|generate --adapter models:/NAME@ALIAS`."""
+
+
 def register(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = RETENTION
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("action", choices=["list", "pull", "show", "promote"])
     parser.add_argument("run_id", nargs="?", help="list: the STUDY; otherwise the MLflow run id of the cell")
     parser.add_argument("problem", nargs="?", help="problem id whose adapter to use")

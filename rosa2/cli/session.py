@@ -8,6 +8,7 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
+from rosa2.cli import adapter_source
 from rosa2.config import (
     AdaptConfig,
     ConfigError,
@@ -33,10 +34,23 @@ def engine_configs(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_engine_arguments(parser: argparse.ArgumentParser, skip_session: tuple[str, ...] = ()) -> None:
     add_arguments(parser, ModelConfig, prefix="model_", aliases={"name": "--model"})
+    adapter_source.add_argument(parser)
     add_arguments(parser, SessionConfig, skip=(*skip_session, "parallel_sessions"))  # one session: nothing to batch
     add_arguments(parser, AdaptConfig)
     add_arguments(parser, SemanticConfig, prefix="semantic_")
     add_arguments(parser, GenerationConfig)
+
+
+def build_engine(args: argparse.Namespace, configs: dict[str, Any]) -> Any:
+    """The SessionEngine of ``configs``, on the model with ``--adapter`` merged in when one is given
+    (its input checked, and the adapter found, before the model loads)."""
+    from rosa2.session import SessionEngine, validate
+
+    model = configs["model"]
+    if args.adapter is not None:
+        validate(model, configs["session"], configs["adapt"], configs["semantic"])
+        model = adapter_source.load_model(model, args.adapter)
+    return SessionEngine(**{**configs, "model": model})
 
 
 def _short(text: str, width: int = 300) -> str:
@@ -68,13 +82,16 @@ def cmd(args: argparse.Namespace) -> int:
         if not getattr(args, option).strip():
             raise ConfigError(f"--{option} is empty; give the {'first user message' if option == 'question' else 'reference answer'}")
     configs = engine_configs(args)  # every ConfigError fires here, before any model loads
+    if args.save_adapter and args.adapter is not None:
+        raise ConfigError(
+            f"--save-adapter with --adapter {args.adapter}: this session's θ is fitted on top of the merged adapter, "
+            "so it would not load onto the base model alone; drop one of the two"
+        )
     problem = Problem(id="cli", prompt=args.question, domain=args.domain, answer=args.answer)
     environment = environment_for(problem, configs["session"].feedback, allow_exact_match=True)
     print(f"scoring with {environment.name}", file=sys.stderr)
 
-    from rosa2.session import SessionEngine
-
-    engine = SessionEngine(**configs)
+    engine = build_engine(args, configs)
     on_turn = (lambda r: print(json.dumps(asdict(r)), flush=True)) if args.json else print_turn
     result = engine.run(problem, environment, on_turn=on_turn)
     summary = {k: v for k, v in asdict(result).items() if k != "turns"}
