@@ -21,7 +21,7 @@ from rosa2 import metrics, report
 from rosa2.config import TrackingConfig
 from rosa2.errors import Rosa2Error
 from rosa2.records import ProblemResult
-from tasks import tracking
+from tasks import tracking, traces
 from tasks.cells import Cell, ResultStore
 from tasks.sessions import PreparedDataset, retry_infrastructure_only
 
@@ -109,8 +109,10 @@ def log_cell_run(
     cautions = metrics.warnings(summary, cell.method)
     if cautions:  # an arm that is not what its name says, or answers that could not be scored: in the runs table
         tracking.set_tags(mc, run_id, {"rosa2.warnings": " | ".join(cautions)[:4900]})
+    tracking.set_tags(mc, run_id, {tracking.TAG_NOTE: cell_note(cell, summary, cautions)})
     tracking.log_summary_extras(mc, run_id, summary)  # per-problem outcomes: paired gains from MLflow
     tracking.log_results(mc, run_id, results)
+    traces.log_session_traces(mc, run_id, cell_key, results, sequential=cell.session.parallel_sessions == 1)
     tracking.log_lineage(mc, run_id, dataset.name, dataset.fingerprint, dataset.snapshot, cell.data.dataset)
     by_id = {p.id: p for p in dataset.problems}
     for result in results:
@@ -122,6 +124,32 @@ def log_cell_run(
         tracking.log_files(mc, run_id, report.write(cells, tmp, title=cell.name()))
     tracking.set_tags(mc, run_id, {tracking.TAG_COMPLETE: "true"})
     tracking.finish(mc, run_id)
+
+
+def _pct(value: Any) -> str:
+    return "–" if value is None else f"{100 * value:.1f} %"
+
+
+def cell_note(cell: Cell, summary: dict[str, Any], cautions: list[str]) -> str:
+    """The run's description (``mlflow.note.content``): what ran, what came out, where to look."""
+    first = (summary.get("accuracy_at_turn") or [None])[0]
+    lines = [
+        f"**{cell.name()}**: {summary.get('problems', 0)} problems, up to {cell.session.max_turns} turns, "
+        f"feedback {cell.session.feedback}.",
+        f"Accuracy@{summary.get('max_turns', cell.session.max_turns)} {_pct(summary.get('accuracy'))} "
+        f"(turn 1: {_pct(first)}); correction uplift (Eq. 19) {_pct(summary.get('correction_uplift'))}.",
+        "Shares are percentages (`*_pct`); per-turn curves are `by_turn/*` (step = turn); each problem's "
+        "conversation is an MLflow session of one trace per turn (Traces tab, or the experiment's Sessions view); "
+        f"`{tracking.RESULTS_FILE}` holds every turn.",
+    ]
+    lines += [f"Warning: {c}" for c in cautions]
+    return "\n\n".join(lines)
+
+
+def group_note(cells: list[report.CellSummary], title: str) -> str:
+    """A parent run's description: its cells' accuracy, and where the tables are."""
+    rows = [f"- {c.method} · {c.model} · {c.dataset} · seed {c.seed}: accuracy {_pct(c.summary.get('accuracy'))}" for c in cells]
+    return "\n".join([f"**{title}**: {len(cells)} cells (child runs); tables and plots in `report.md`.", "", *rows])
 
 
 def cell_summary(cell: Cell, summary: dict[str, Any], run_id: str | None = None) -> report.CellSummary:
@@ -140,6 +168,7 @@ def publish(tracking_cfg: TrackingConfig, run_id: str | None, cells: list[report
         mc = tracking.client(tracking_cfg)
         with tempfile.TemporaryDirectory() as tmp:
             tracking.log_files(mc, run_id, report.write(cells, tmp, title=title))
+        tracking.set_tags(mc, run_id, {tracking.TAG_NOTE: group_note(cells, title)})
     key = "".join(c if c.isalnum() else "-" for c in f"rosa2-report-{tracking_cfg.study}".lower())
     create_markdown_artifact(markdown, key=key, description=title)
     return markdown

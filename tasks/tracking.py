@@ -8,8 +8,21 @@ Layout of a study in MLflow:
   the cell or resumes into the same run, so no duplicate runs appear;
 - sweep / ablation parents tagged ``rosa2.parent_key``; children carry ``mlflow.parentRunId``;
 - per cell: params (every config field), final metrics, per-turn curves as steps, per-problem
-  results + transcripts (``results.jsonl``) and a table, adapters under the retention policy,
-  dataset lineage, plots and the report.
+  results + transcripts (``results.jsonl``) and a table, one MLflow trace per turn grouped into
+  one MLflow session per problem (:mod:`tasks.traces`), adapters under the retention policy,
+  dataset lineage, plots and the report;
+- every run: where it came from (git commit, dirty flag, user, command line: :func:`source_tags`)
+  and a one-paragraph description (``mlflow.note.content``).
+
+Metric names (:func:`mlflow_name`) say what a value is, so the runs table cannot be misread:
+
+- final metrics under the summary's own names (``avg_turn``, ``avg_time_s``, ``peak_memory_mb``,
+  counts), logged once at step 0;
+- shares as percentages, named ``…_pct`` (``accuracy_pct``, ``correction_uplift_pct``,
+  ``no_answer_rate_pct``...), as the report prints them; the summary dicts keep fractions;
+- per-turn curves under ``by_turn/`` with step = turn (``by_turn/accuracy_pct``,
+  ``by_turn/delta_theta_sq``, ``by_turn/seconds_semantic``...): never the name of a final, so a
+  curve's last step never stands in for a final in the runs table.
 
 Everything here uses an explicit :class:`MlflowClient` and run ids (no fluent active-run state),
 so it is safe from Prefect's task threads.
@@ -39,8 +52,16 @@ TAG_ERROR = "rosa2.error"  # FAILED runs: the error's type and first line
 TAG_ENDED_BY = "rosa2.ended_by"  # KILLED runs: SIGTERM, Ctrl-C...
 RESULTS_FILE = "results.jsonl"
 SUMMARY_EXTRAS_FILE = "summary_extras.json"  # summary entries that are no metric (per-problem outcomes)
-FINAL_METRICS = ("accuracy", "correction_uplift", "avg_turn", "avg_time_s", "peak_memory_mb")
-STEP_METRICS = ("accuracy_at_turn", "delta_theta_sq", "delta_x_sq")
+TAG_DIRTY = "rosa2.git.dirty"  # "true" when the checkout had uncommitted changes to tracked files
+TAG_COMMAND = "rosa2.command"  # the command line that created or resumed the run
+TAG_NOTE = "mlflow.note.content"  # the run's description in the MLflow UI
+BY_TURN = "by_turn/"  # per-turn curves, step = turn
+PCT = "_pct"  # a share logged as a percentage
+FRACTIONS = ("accuracy", "correction_uplift", "correction_share", "accuracy_at_turn")  # and every "*_rate"
+CURVE_NAMES = {"accuracy_at_turn": "accuracy"}  # by_turn/accuracy_pct, not by_turn/accuracy_at_turn_pct
+# the headline names in the runs table (every summary scalar and curve is logged, these always)
+FINAL_METRICS = ("accuracy_pct", "correction_uplift_pct", "avg_turn", "avg_time_s", "peak_memory_mb")
+STEP_METRICS = ("by_turn/accuracy_pct", "by_turn/delta_theta_sq", "by_turn/delta_x_sq")
 
 
 class TrackingError(Rosa2Error):
@@ -86,14 +107,16 @@ def is_complete(run: Any) -> bool:
 
 def open_run(mc: Any, exp_id: str, tag: str, key: str, name: str, kind: str, parent_run_id: str | None = None) -> tuple[Any, bool]:
     """(run, created): the run for ``key``, created with its tags in one call when none exists.
+    Either way it carries the :func:`source_tags` of this process (a resumed run: the resuming command).
 
     Finding and creating are two calls: callers that may race on one key hold its claim
     (:func:`tasks.cells.claim`, as the experiment flow does), or two runs can appear."""
     run = find_run(mc, exp_id, tag, key)
     if run is not None:
         _resume(mc, run)
+        set_tags(mc, run.info.run_id, source_tags())
         return run, False
-    tags = {tag: key, TAG_KIND: kind}
+    tags = {**source_tags(), tag: key, TAG_KIND: kind}
     if parent_run_id:
         tags[TAG_PARENT] = parent_run_id
     return mc.create_run(exp_id, tags=tags, run_name=name), True
@@ -106,6 +129,47 @@ def _resume(mc: Any, run: Any) -> None:
     for stale in (TAG_ERROR, TAG_ENDED_BY):
         if stale in run.data.tags:
             mc.delete_tag(run.info.run_id, stale)
+
+
+def _git(*args: str) -> str | None:
+    import subprocess
+
+    from rosa2 import env
+
+    try:
+        done = subprocess.run(["git", "-C", str(env.source_root()), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def source_tags() -> dict[str, str]:
+    """Where a run came from, under MLflow's own source tags where it has one: the checkout's git
+    commit, branch and whether tracked files had uncommitted changes (``rosa2.git.dirty``), the
+    user, the program and the whole command line. Outside a git checkout the git tags are left out."""
+    import getpass
+    import shlex
+    import sys
+
+    try:
+        user = getpass.getuser()
+    except Exception:  # noqa: BLE001 - no login name (a container's bare uid)
+        user = str(os.getuid())
+    tags = {
+        "mlflow.user": user,
+        "mlflow.source.type": "LOCAL",
+        "mlflow.source.name": Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python",
+        TAG_COMMAND: shlex.join(sys.argv)[:5000],
+    }
+    commit = _git("rev-parse", "HEAD")
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        status = _git("status", "--porcelain", "--untracked-files=no")
+        tags[TAG_DIRTY] = "unknown" if status is None else "true" if status else "false"
+        branch = _git("rev-parse", "--abbrev-ref", "HEAD")
+        if branch and branch != "HEAD":
+            tags["mlflow.source.git.branch"] = branch
+    return tags
 
 
 def first_line(exc: BaseException, limit: int = 500) -> str:
@@ -157,18 +221,45 @@ def _finite(value: Any) -> float:
     return float("nan") if value is None else float(value)
 
 
-def metrics_of(summary: dict[str, Any]) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """(final scalars, per-turn curves) from a :func:`rosa2.metrics.summarize` dict."""
-    from rosa2.report import curve
+def _is_fraction(key: str) -> bool:
+    return key in FRACTIONS or key.endswith("_rate")
 
-    finals = {k: _finite(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool) or v is None}
-    for name in FINAL_METRICS:
-        finals.setdefault(name, _finite(summary.get(name)))
-    curves = {name: curve(summary, name) for name in STEP_METRICS}
+
+def mlflow_name(key: str, per_turn: bool = False) -> str:
+    """The MLflow name of a summary entry: ``accuracy`` → ``accuracy_pct``, the per-turn
+    ``accuracy_at_turn`` → ``by_turn/accuracy_pct``, ``delta_theta_sq`` (a curve) → ``by_turn/delta_theta_sq``."""
+    name = CURVE_NAMES.get(key, key) if per_turn else key
+    name += PCT if _is_fraction(key) else ""
+    return BY_TURN + name if per_turn else name
+
+
+def summary_key(name: str) -> tuple[str, float]:
+    """(summary key, factor the MLflow value was multiplied by): the inverse of :func:`mlflow_name`.
+    Names logged before ``by_turn/`` and ``_pct`` existed come back as they were (factor 1)."""
+    per_turn = name.startswith(BY_TURN)
+    key = name.removeprefix(BY_TURN)
+    scale = 1.0
+    if key.endswith(PCT) and _is_fraction(key[: -len(PCT)]):
+        key, scale = key[: -len(PCT)], 100.0
+    if per_turn:
+        key = {v: k for k, v in CURVE_NAMES.items()}.get(key, key)
+    return key, scale
+
+
+def _scaled(key: str, value: float) -> float:
+    return value * 100.0 if _is_fraction(key) else value
+
+
+def metrics_of(summary: dict[str, Any]) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """(final scalars, per-turn curves) under their MLflow names (:func:`mlflow_name`), shares in
+    percent, from a :func:`rosa2.metrics.summarize` dict."""
+    finals, curves = {}, {}
     for key, value in summary.items():
-        if isinstance(value, (list, tuple)) and value and all(isinstance(v, (int, float)) or v is None for v in value):
-            curves.setdefault(key, [_finite(v) for v in value])
-    return finals, {k: v for k, v in curves.items() if v}
+        if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
+            finals[mlflow_name(key)] = _scaled(key, _finite(value))
+        elif isinstance(value, (list, tuple)) and value and all(isinstance(v, (int, float)) or v is None for v in value):
+            curves[mlflow_name(key, per_turn=True)] = [_scaled(key, _finite(v)) for v in value]
+    return finals, curves
 
 
 def log_params(mc: Any, run_id: str, params: dict[str, Any]) -> None:
@@ -285,18 +376,18 @@ def cell_runs(mc: Any, study: str) -> list[Any]:
 
 
 def summary_from_run(mc: Any, run: Any) -> dict[str, Any]:
-    """A summary dict rebuilt from a run's logged metrics (finals + per-turn histories)."""
+    """A summary dict rebuilt from a run's logged metrics (finals + per-turn curves), under the
+    summary's own keys and in its units (fractions), whatever names the run was logged with."""
     summary: dict[str, Any] = {}
-    for name, value in run.data.metrics.items():
+    for name in run.data.metrics:
+        key, scale = summary_key(name)
         history = mc.get_metric_history(run.info.run_id, name)
         steps = sorted((m.step, m.value) for m in history if m.step > 0)
         if steps:
-            summary[name] = [v for _, v in steps]
-            finals = [m.value for m in history if m.step == 0]
-            if finals:
-                summary[name + "@final"] = finals[-1]
+            summary[key] = [v / scale for _, v in steps]
         else:
-            summary[name] = None if isinstance(value, float) and math.isnan(value) else value
+            value = history[-1].value
+            summary[key] = None if math.isnan(value) else value / scale
     summary.update(read_summary_extras(mc, run.info.run_id))
     return summary
 

@@ -191,7 +191,7 @@ def test_two_runs_of_one_cell_at_once_make_one_run_and_compute_each_problem_once
     (run,) = _runs(mc, study)
     assert {c["mlflow_run"] for c in cells} == {tr.run_url(tracking, run)}
     assert run.info.status == "FINISHED"
-    history = mc.get_metric_history(run.info.run_id, "accuracy")
+    history = mc.get_metric_history(run.info.run_id, "accuracy_pct")
     assert [m.step for m in history] == [0], "the cell's metrics were uploaded more than once"
     assert len(tr.download_results(mc, run.info.run_id)) == 6
     assert len(list((home / "results" / "problems").rglob("*.json"))) == 6

@@ -66,7 +66,7 @@ def test_cell_logs_metrics_artifacts_adapters_and_the_report_matches_the_results
     for name in tr.STEP_METRICS:
         steps = sorted(m.step for m in mc.get_metric_history(run.info.run_id, name))
         assert steps == [1, 2], (name, steps)
-    theta = {m.step: m.value for m in mc.get_metric_history(run.info.run_id, "delta_theta_sq")}
+    theta = {m.step: m.value for m in mc.get_metric_history(run.info.run_id, "by_turn/delta_theta_sq")}
     assert theta[1] > 0  # rosa updated the weights after a rejected first turn
     # artifacts: results + transcripts, table, lineage, plots, report, adapters (weights only)
     names = {a.path for a in mc.list_artifacts(run.info.run_id)}

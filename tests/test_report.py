@@ -173,7 +173,7 @@ def test_a_summary_read_back_from_mlflow_keeps_its_per_problem_outcomes(tmp_path
     base, rosa2 = cells()
     finals, curves = tr.metrics_of(rosa2.summary)
     assert "solved_by_problem" not in finals and "solved_by_problem" not in curves  # no metric, and no crash
-    assert finals["semantic_refined"] == 5 and finals["no_answer_rate"] != finals["no_answer_rate"]  # NaN for None
+    assert finals["semantic_refined"] == 5 and finals["no_answer_rate_pct"] != finals["no_answer_rate_pct"]  # NaN for None
     mc = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = mc.create_experiment("s", artifact_location=(tmp_path / "artifacts").as_uri())
     run_ids = []
