@@ -136,6 +136,7 @@ class AdaptConfig:
 
 
 SEMANTIC_TARGETS = ("message", "system")
+SEMANTIC_PROMPTS = ("textgrad", "compact")
 EXTRACTIONS = ("flexible", "paper")
 
 
@@ -180,9 +181,15 @@ class SemanticConfig:
         "its turns and kept when frozen: the paper's motivation study, Sec. 2.1)",
         default="message",
     )
+    prompts: str = _help(
+        "Critic prompts: 'textgrad' (TextGrad's own critique and update templates) or 'compact' (ours, "
+        "~5x fewer prompt tokens, for small critics and CPU; the same Variable, backward and TGD step)",
+        default="textgrad",
+    )
 
     def __post_init__(self) -> None:
         _check_choice("target", self.target, list(SEMANTIC_TARGETS))
+        _check_choice("prompts", self.prompts, list(SEMANTIC_PROMPTS))
         if self.critic == "openai" and not (self.api_base and self.api_model):
             raise ConfigError("critic='openai' needs api_base and api_model")
         if self.max_new_tokens < 1:

@@ -105,7 +105,7 @@ def instruction_texts() -> list[str]:
 
     return [
         te.MESSAGE_ROLE, te.EMPTY_MESSAGE_ROLE, te.SYSTEM_ROLE, te.EMPTY_SYSTEM_ROLE, te.VERDICT, te.VERDICT_PURPOSE,
-        *te.CONSTRAINTS, *te.SYSTEM_CONSTRAINTS,
+        *te.CONSTRAINTS, *te.SYSTEM_CONSTRAINTS, te.COMPACT_CRITIC_SYSTEM, te.COMPACT_CRITIQUE, te.COMPACT_UPDATE,
         "the improved variable is", "this is the improved variable", "here is the improved variable",
         "the improved version of the variable", "the variable is the", "improved variable",
     ]
@@ -184,7 +184,7 @@ class SemanticStream:
         system = self.cfg.target == "system"
         originals = [self.current_system(h) if system else m for _, h, _, m in items]
         updates = [
-            Update.build(self.engine, q, h, y, m, system=original if system else None)
+            Update.build(self.engine, q, h, y, m, system=original if system else None, prompts=self.cfg.prompts)
             for (q, h, y, m), original in zip(items, originals)
         ]
         self.engine.run_batched([u.backward for u in updates])

@@ -76,6 +76,53 @@ SYSTEM_CONSTRAINTS = [
 ]
 
 
+# semantic.prompts = compact: our own short critique and update prompts, through the same TextGrad
+# graph (the verdict function's backward writes the critique, a TGD step applies it). Each names
+# only what the critic needs: the inputs in full, the verdict, the variable's role, the constraints.
+COMPACT_CRITIC_SYSTEM = "You review a tutoring exchange and say, briefly and concretely, how one text in it should change."
+COMPACT_CRITIQUE = (
+    "{inputs}\n\nVerdict: {verdict}\n\nThe text to improve is {role}. In at most three sentences, say what "
+    "it should point out or ask for so that the next answer is correct. Do not solve the problem."
+)
+COMPACT_UPDATE_SYSTEM = (
+    "You rewrite one text as asked. Reply with the new text only, between {new_variable_start_tag} and "
+    "{new_variable_end_tag}."
+)
+COMPACT_UPDATE = (
+    "Text ({role}):\n{value}\n\nFeedback on it:\n{feedback}\n\n{constraints}\n\nWrite the improved text "
+    "between {start} and {end}."
+)
+
+
+class CompactVerdict(StringBasedFunction):
+    """The verdict as a TextGrad function whose backward asks ``COMPACT_CRITIQUE`` (one call per
+    variable that requires a gradient), in place of TextGrad's string-function templates."""
+
+    def backward(self, response: tg.Variable, function_purpose: str, inputs: dict[str, tg.Variable], backward_engine: EngineLM) -> None:
+        shown = "\n\n".join(f"{name.replace('_', ' ').capitalize()}: {v.get_value()}" for name, v in inputs.items())
+        for variable in response.predecessors:
+            if not variable.requires_grad:
+                continue
+            prompt = COMPACT_CRITIQUE.format(inputs=shown, verdict=response.get_value(), role=variable.get_role_description())
+            feedback = backward_engine(prompt, system_prompt=COMPACT_CRITIC_SYSTEM)
+            gradient = tg.Variable(feedback, requires_grad=False, role_description=f"feedback to {variable.get_role_description()}")
+            variable.gradients.add(gradient)
+            variable.gradients_context[gradient] = None  # the update prompt shows the feedback alone
+
+
+class CompactTGD(tg.TGD):
+    """TGD with ``COMPACT_UPDATE`` as its prompt; step(), the tags and their parsing are TextGrad's."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(optimizer_system_prompt=COMPACT_UPDATE_SYSTEM, **kwargs)
+
+    def _update_prompt(self, variable: tg.Variable) -> str:
+        return COMPACT_UPDATE.format(
+            role=variable.get_role_description(), value=variable.get_value(), feedback=variable.get_gradient_text(),
+            constraints=self.constraint_text, start=self.new_variable_tags[0], end=self.new_variable_tags[1],
+        )
+
+
 class _Planned(Exception):
     """Raised by an engine in planning mode instead of generating: carries the prompt it was given."""
 
@@ -350,10 +397,11 @@ class Update:
     @classmethod
     def build(
         cls, engine: ChatEngine, question: str, history: list[dict[str, str]], response: str, message: str,
-        system: str | None = None,
+        system: str | None = None, prompts: str = "textgrad",
     ) -> "Update":
         """The graph for the user's next ``message`` (``system`` None), or for the ``system``
-        prompt (semantic.target = system; "" when there is none yet), the message then an input."""
+        prompt (semantic.target = system; "" when there is none yet), the message then an input.
+        ``prompts`` = compact swaps TextGrad's critique and update templates for ours (same graph)."""
         problem = Text(question, requires_grad=False, role_description="the problem the user asked the assistant to solve")
         inputs: dict[str, Text] = {"problem": problem}
         if system is not None:
@@ -368,11 +416,12 @@ class Update:
             inputs["next_user_message"] = x
         elif message.strip():
             inputs["next_user_message"] = Text(message, requires_grad=False, role_description="the user's next message")
-        loss = StringBasedFunction(_verdict, VERDICT_PURPOSE)(
+        compact = prompts == "compact"
+        loss = (CompactVerdict if compact else StringBasedFunction)(_verdict, VERDICT_PURPOSE)(
             inputs=inputs, response_role_description="the user's verdict on the assistant's latest answer"
         )
         constraints = CONSTRAINTS if system is None else SYSTEM_CONSTRAINTS
-        optimizer = tg.TGD(parameters=[x], engine=engine, constraints=constraints)
+        optimizer = (CompactTGD if compact else tg.TGD)(parameters=[x], engine=engine, constraints=constraints)
         return cls(message=x, loss=loss, optimizer=optimizer, engine=engine)
 
     def backward(self) -> None:

@@ -138,6 +138,31 @@ def test_a_capable_critic_gets_refined(tiny):
     assert out.kind == "copied" and out.text == SPARSE and math.isnan(out.delta_x_sq)
 
 
+def test_compact_prompts_drive_the_same_graph_with_prompts_a_quarter_the_size(tiny):
+    """semantic.prompts=compact: the critique and the update are still a TextGrad backward and TGD
+    step (two calls, the update inside the tags, classified as before), with our short prompts."""
+    from textgrad.autograd.llm_backward_prompts import BACKWARD_SYSTEM_PROMPT
+
+    from rosa2.textgrad_engine import COMPACT_CRITIC_SYSTEM, TGD_TAGS, is_update_call
+
+    lengths = {}
+    for prompts in ("textgrad", "compact"):
+        stream = stream_for(tiny, prompts=prompts)
+        stream.engine = Scripted.engine(f"{TGD_TAGS[0]}{GOOD}{TGD_TAGS[1]}")
+        out = stream.refine(QUESTION, HISTORY, WRONG, SPARSE)
+        assert out.kind == "refined" and out.text == GOOD and out.critique.startswith("The message should point")
+        (critique_key, update_key) = stream.engine.prompts
+        assert not is_update_call(critique_key) and is_update_call(update_key)
+        assert critique_key[0] == (COMPACT_CRITIC_SYSTEM if prompts == "compact" else BACKWARD_SYSTEM_PROMPT)
+        # the critic sees the problem, the failed answer and the message in full; the update sees the critique
+        assert all(text in critique_key[1] for text in (QUESTION, WRONG, SPARSE)) and GOLD not in critique_key[1]
+        assert out.critique in update_key[1] and SPARSE in update_key[1]
+        lengths[prompts] = sum(len(tiny.tokenizer(system + prompt)["input_ids"]) for system, prompt in stream.engine.prompts)
+    assert lengths["compact"] * 3 < lengths["textgrad"], lengths
+    with pytest.raises(ConfigError, match="prompts='short'"):
+        SemanticConfig(prompts="short")
+
+
 def test_system_target_rewrites_the_system_prompt_not_the_message(tiny):
     from rosa2.textgrad_engine import SYSTEM_ROLE, TGD_TAGS
 
