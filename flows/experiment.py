@@ -21,6 +21,7 @@ from prefect import flow, get_run_logger
 
 from rosa2 import metrics, report
 from rosa2.config import TrackingConfig
+from rosa2.models import display_name
 from rosa2.report import CellSummary
 from tasks import publish, sessions
 from tasks import tracking as tr
@@ -61,22 +62,14 @@ def flow_run_id() -> str | None:
     return flow_run.id
 
 
-def model_label(name: str) -> str:
-    """What a person calls the model: the embedded model's own name, else the last part of a hub id
-    or a directory."""
-    from rosa2.models import EMBEDDED_ALIASES, EMBEDDED_DIRNAME
-
-    return EMBEDDED_DIRNAME if name in EMBEDDED_ALIASES else Path(name).name or name
-
-
 def cell_run_name(cell: Cell) -> str:
     """The cell's flow-run name in the Prefect UI: method · model · dataset · seed."""
-    return f"{cell.method} · {model_label(cell.model.name)} · {Path(cell.data.dataset).name} · s{cell.seed}"
+    return f"{cell.method} · {display_name(cell.model.name)} · {Path(cell.data.dataset).name} · s{cell.seed}"
 
 
 def cell_tags(cell: Cell, study: str) -> list[str]:
     """Tags to filter the Prefect runs list by (the UI's Tags filter): study, method, model, dataset."""
-    return [f"study:{study}", f"method:{cell.method}", f"model:{model_label(cell.model.name)}",
+    return [f"study:{study}", f"method:{cell.method}", f"model:{display_name(cell.model.name)}",
             f"dataset:{Path(cell.data.dataset).name}"]
 
 

@@ -321,6 +321,11 @@ def warnings_section(cells: list[CellSummary]) -> str:
     return "**Warnings**\n\n" + "\n".join(lines) if lines else ""
 
 
+def plural(n: int, word: str) -> str:
+    """``1 cell``, ``2 cells``: a count with its noun in the right number (regular plurals only)."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def render(cells: list[CellSummary], title: str = "ROSA2 study") -> str:
     """The whole markdown report: the four tables and the warnings."""
     if not cells:
@@ -328,7 +333,7 @@ def render(cells: list[CellSummary], title: str = "ROSA2 study") -> str:
     seeds = sorted({c.seed for c in cells})
     knobs = differing_knobs(cells)
     intro = (
-        f"{len(cells)} cells; seeds {seeds}; K = turn limit of each cell. Only cells differing in nothing but the "
+        f"{plural(len(cells), 'cell')}; seeds {seeds}; K = turn limit of each cell. Only cells differing in nothing but the "
         "seed are averaged (± std)."
     )
     if knobs:

@@ -20,6 +20,7 @@ from prefect.cache_policies import NONE
 from rosa2 import metrics, report
 from rosa2.config import TrackingConfig
 from rosa2.errors import Rosa2Error
+from rosa2.models import display_name
 from rosa2.records import ProblemResult
 from tasks import tracking, traces
 from tasks.cells import Cell, ResultStore
@@ -149,14 +150,13 @@ def cell_note(cell: Cell, summary: dict[str, Any], cautions: list[str]) -> str:
 def group_note(cells: list[report.CellSummary], title: str) -> str:
     """A parent run's description: its cells' accuracy, and where the tables are."""
     rows = [f"- {c.method} · {c.model} · {c.dataset} · seed {c.seed}: accuracy {_pct(c.summary.get('accuracy'))}" for c in cells]
-    return "\n".join([f"**{title}**: {len(cells)} cells (child runs); tables and plots in `report.md`.", "", *rows])
+    return "\n".join([f"**{title}**: {report.plural(len(cells), 'cell')} (child runs); tables and plots in `report.md`.", "", *rows])
 
 
 def cell_summary(cell: Cell, summary: dict[str, Any], run_id: str | None = None) -> report.CellSummary:
     """The report's view of a cell; its flat params let the report keep variants of a method apart."""
-    model = Path(cell.model.name).name if Path(cell.model.name).is_dir() else cell.model.name
     dataset = Path(cell.data.dataset).name
-    return report.CellSummary(model, dataset, cell.method, cell.seed, summary, run_id, params=cell.params())
+    return report.CellSummary(display_name(cell.model.name), dataset, cell.method, cell.seed, summary, run_id, params=cell.params())
 
 
 def publish(tracking_cfg: TrackingConfig, run_id: str | None, cells: list[report.CellSummary], title: str) -> str:

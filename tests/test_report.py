@@ -189,3 +189,9 @@ def test_a_summary_read_back_from_mlflow_keeps_its_per_problem_outcomes(tmp_path
     bare = mc.create_run(exp).info.run_id  # a run logged before the extras existed
     tr.log_metrics(mc, bare, rosa2.summary)
     assert "solved_by_problem" not in tr.summary_from_run(mc, mc.get_run(bare))
+
+
+def test_counts_read_in_the_right_number():
+    from rosa2.report import plural
+
+    assert (plural(1, "cell"), plural(2, "cell"), plural(0, "turn")) == ("1 cell", "2 cells", "0 turns")

@@ -19,7 +19,9 @@ def cmd(args: argparse.Namespace) -> int:
     if args.check:  # models, critics and datasets too: a missing directory or file fails here, not at 2 a.m.
         for note in sweep_module.check_sources(spec):
             print(f"{args.file}: {note}")
-        print(f"{args.file}: {len(spec.cells())} cells, study {tracking.study!r}")
+        from rosa2.report import plural
+
+        print(f"{args.file}: {plural(len(spec.cells()), 'cell')}, study {tracking.study!r}")
         return 0
     check_inputs(spec.cells(), args.file)  # every model and dataset of the grid, before any run starts
     with prepare_platform(tracking, args.verbose):
