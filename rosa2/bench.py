@@ -209,7 +209,7 @@ def run_arm(arm: str, cfg: BenchConfig, problems: list[Any]) -> ArmResult:
             loaded, configs["session"], configs["adapt"], configs["semantic"], configs["generation"],
             batch_size=cfg.batch_size, update_tokens=cfg.update_tokens,
         )
-    environments = [environment_for(p, cfg.feedback, allow_exact_match=True) for p in problems]
+    environments = [environment_for(p, cfg.feedback) for p in problems]
     engine.policy.generate([{"role": "user", "content": "Hi"}], max_new_tokens=2)  # one-time kernels/allocations
     device = engine.policy.device
     reset_peak_memory(device)

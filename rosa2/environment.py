@@ -146,17 +146,11 @@ def environment_for(
     feedback: str = "sparse",
     sandbox_cfg: SandboxConfig | None = None,
     reward: RewardConfig | None = None,
-    *,
-    allow_exact_match: bool = False,
 ) -> Environment:
-    """The environment the platform uses for ``problem``: ``rosa2.rewards`` scoring.
-
-    Without ``rosa2.rewards`` installed, ``allow_exact_match`` (the CLI) falls back to exact match
-    for math and choice problems; experiments leave it off so scores never silently change."""
+    """The environment the platform uses for ``problem``: ``rosa2.rewards`` scoring (part of the
+    package, so scores never silently fall back to exact match)."""
     if rewards_available():
         return RewardEnvironment(feedback, sandbox_cfg, reward)
-    if allow_exact_match and problem.domain in ("math", "choice"):
-        return ExactMatchEnvironment(feedback)
     raise Rosa2Error(f"scoring {problem.domain!r} problems needs rosa2.rewards, which is not available")
 
 

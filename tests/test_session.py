@@ -314,7 +314,7 @@ def _session(own_smol, problem, method: str):
         own_smol, SessionConfig(method=method, max_turns=2),
         semantic=SemanticConfig(max_new_tokens=64), generation=GenerationConfig(max_new_tokens=32),
     )
-    return engine.run(problem, environment_for(problem, "sparse", allow_exact_match=True))
+    return engine.run(problem, environment_for(problem, "sparse"))
 
 
 @pytest.mark.slow

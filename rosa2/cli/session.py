@@ -88,7 +88,7 @@ def cmd(args: argparse.Namespace) -> int:
             "so it would not load onto the base model alone; drop one of the two"
         )
     problem = Problem(id="cli", prompt=args.question, domain=args.domain, answer=args.answer)
-    environment = environment_for(problem, configs["session"].feedback, allow_exact_match=True)
+    environment = environment_for(problem, configs["session"].feedback)
     print(f"scoring with {environment.name}", file=sys.stderr)
 
     engine = build_engine(args, configs)
