@@ -370,7 +370,10 @@ class TrackingConfig:
         "Prefect API", default_factory=lambda: os.environ.get("PREFECT_API_URL", "http://127.0.0.1:4200/api")
     )
     study: str = _help("MLflow experiment that holds this study's runs", default="rosa2")
-    adapters: str = _help("Adapter retention: all | final | corrected | none", default="final")
+    adapters: str = _help(
+        "Adapters a cell keeps: final = the last problem's only (one per cell), all = every problem's, "
+        "corrected = problems solved after turn 1, none; see `rosa2 adapters --help`", default="final",
+    )
 
     def __post_init__(self) -> None:
         _check_choice("adapters", self.adapters, ADAPTER_RETENTION)
