@@ -12,7 +12,10 @@ cell's run (its Traces tab lists them)::
     ├── semantic  (LLM)        when the words stream ran: x_{t+1} → critique → x*_{t+1}, ‖Δx‖²
     └── parametric (TASK)      when the weights stream ran: ‖Δθ‖²
 
-The reward, answer status and ‖Δθ‖² are also trace tags (columns of the Traces view). Times are
+Each turn also carries MLflow feedback assessments, the chips under the turn in the Sessions view:
+``reward`` (±1; rationale: why it scored so), ``delta_theta_sq`` when θ moved, ``critique`` when
+the words stream ran (rationale: x*_{t+1}, which is the next turn's user message). The reward,
+answer status and ‖Δθ‖² are trace tags too (columns of the Traces view). Times are
 the recorded seconds of each phase, laid back to back in the order the engines run them; a
 problem's first turn starts at the cell run's start time (after the previous problem's end when
 the cell ran its sessions one at a time), since the records keep durations, not clock times.
@@ -84,8 +87,8 @@ def _seconds(turn: TurnRecord, phase: str) -> float:
 
 
 def log_turn(experiment_id: str, run_id: str, session: str, method: str, result: ProblemResult, turn: TurnRecord,
-             start_ns: int) -> int:
-    """Log one turn's trace starting at ``start_ns``; returns its end (ns)."""
+             start_ns: int) -> tuple[str, int]:
+    """Log one turn's trace starting at ``start_ns``; returns (trace id, its end in ns)."""
     import mlflow
 
     phases = _phase_io(turn)
@@ -117,7 +120,29 @@ def log_turn(experiment_id: str, run_id: str, session: str, method: str, result:
                     "next_message": turn.refined_feedback},
         end_time_ns=end_ns,
     )
-    return end_ns
+    return root.trace_id, end_ns
+
+
+def log_assessments(trace_id: str, turn: TurnRecord) -> None:
+    """The turn's reward, ‖Δθ‖² and critique as feedback on its (already uploaded) trace."""
+    import mlflow
+    from mlflow.entities import AssessmentSource
+
+    def source(name: str, kind: str = "CODE") -> Any:
+        return AssessmentSource(source_type=kind, source_id=name)
+
+    why = turn.answer_status or "scored"
+    if turn.prediction is not None:
+        why += f": answer {turn.prediction}"
+    mlflow.log_feedback(trace_id=trace_id, name="reward", value=turn.reward, source=source("rosa2 reward"), rationale=why)
+    if turn.weights_on:
+        mlflow.log_feedback(trace_id=trace_id, name="delta_theta_sq", value=turn.delta_theta_sq, source=source("rosa2 parametric stream"))
+    if turn.words_on:
+        critique = (turn.detail or {}).get("critique") or f"({turn.semantic_class or 'no critique'})"
+        mlflow.log_feedback(
+            trace_id=trace_id, name="critique", value=str(critique), source=source("rosa2 semantic stream", "LLM_JUDGE"),
+            rationale=f"x*: {turn.refined_feedback}", metadata={"class": turn.semantic_class, "raw_feedback": turn.feedback},
+        )
 
 
 def run_traces(mc: Any, experiment_id: str, run_id: str) -> list[Any]:
@@ -143,14 +168,18 @@ def log_session_traces(mc: Any, run_id: str, cell_key: str, results: list[Proble
     for start in range(0, len(old), 100):
         mc.delete_traces(experiment_id, trace_ids=old[start:start + 100])
     at = run.info.start_time * 1_000_000
+    logged_turns = []
     for result in results:
         session = session_id(result.method, result.problem_id, cell_key)
         end = at
         for turn in result.turns:
-            end = log_turn(experiment_id, run_id, session, result.method, result, turn, end)
+            trace_id, end = log_turn(experiment_id, run_id, session, result.method, result, turn, end)
+            logged_turns.append((trace_id, turn))
         if sequential:
             at = end
-    mlflow.flush_trace_async_logging()
+    mlflow.flush_trace_async_logging()  # assessments need their trace on the server
+    for trace_id, turn in logged_turns:
+        log_assessments(trace_id, turn)
     expected = sum(len(r.turns) for r in results)
     logged = len(run_traces(mc, experiment_id, run_id))
     if logged != expected:

@@ -148,6 +148,15 @@ def test_a_cell_is_sessions_of_turn_traces_with_source_tags_units_and_a_descript
             if turn.words_on:
                 assert spans["semantic"].inputs["feedback"] == turn.feedback
                 assert spans["semantic"].outputs["refined_feedback"] == turn.refined_feedback
+            # the chips under the turn in the Sessions view: reward, ‖Δθ‖², critique (x* as rationale)
+            feedback = {a.name: a for a in trace.info.assessments}
+            assert set(feedback) == {"reward"} | ({"delta_theta_sq"} if turn.weights_on else set()) | (
+                {"critique"} if turn.words_on else set())
+            assert feedback["reward"].value == turn.reward
+            if turn.weights_on:
+                assert feedback["delta_theta_sq"].value == pytest.approx(turn.delta_theta_sq)
+            if turn.words_on:
+                assert feedback["critique"].rationale == f"x*: {turn.refined_feedback}"
             # the spans' times are the recorded seconds, back to back
             gen = spans["generate"]
             assert (gen.end_time_ns - gen.start_time_ns) / 1e9 == pytest.approx(turn.seconds_generate, abs=1e-6)
@@ -159,8 +168,9 @@ def test_a_cell_is_sessions_of_turn_traces_with_source_tags_units_and_a_descript
 
     # source tags and the description
     tags = run.data.tags
-    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    assert tags["mlflow.source.git.commit"] == head
+    commit = tags["mlflow.source.git.commit"]  # the checkout's HEAD when the run started (others may commit since)
+    assert len(commit) == 40
+    assert subprocess.run(["git", "-C", str(ROOT), "merge-base", "--is-ancestor", commit, "HEAD"]).returncode == 0
     assert tags[tr.TAG_DIRTY] in ("true", "false")
     assert tags["mlflow.user"] and tags["mlflow.source.name"] and tags[tr.TAG_COMMAND]
     note = tags[tr.TAG_NOTE]
@@ -171,9 +181,18 @@ def test_a_cell_is_sessions_of_turn_traces_with_source_tags_units_and_a_descript
     recomputed = summarize(results, cell.session.max_turns)
     assert metrics["accuracy_pct"] == pytest.approx(100 * recomputed["accuracy"])
     assert "accuracy" not in metrics and "delta_theta_sq" not in metrics and "accuracy_at_turn" not in metrics
-    for name in tr.STEP_METRICS:
-        assert sorted(m.step for m in mc.get_metric_history(run.info.run_id, name)) == [1, 2], name
+    _, curves = tr.metrics_of(recomputed)
+    for name, values in curves.items():  # a point at each turn the curve has a value, none where it has not
+        steps = sorted(m.step for m in mc.get_metric_history(run.info.run_id, name))
+        assert steps == [t for t, v in enumerate(values, 1) if not math.isnan(v)], name
+    assert sorted(m.step for m in mc.get_metric_history(run.info.run_id, "by_turn/accuracy_pct")) == [1, 2]
+    assert sorted(m.step for m in mc.get_metric_history(run.info.run_id, "by_turn/delta_theta_sq")) == [1]  # no update after the last turn
     assert [m.step for m in mc.get_metric_history(run.info.run_id, "accuracy_pct")] == [0]
     back = tr.summary_from_run(mc, run)
-    assert back["accuracy"] == pytest.approx(recomputed["accuracy"])
-    assert back["accuracy_at_turn"] == pytest.approx(recomputed["accuracy_at_turn"])
+    def nan(value):  # None (undefined) as NaN, so approx can compare it
+        return [nan(v) for v in value] if isinstance(value, list) else math.nan if value is None else value
+
+    for key in ("accuracy", "accuracy_at_turn", "delta_theta_sq", "delta_x_sq", "no_answer_rate", "correction_uplift"):
+        # a curve without a single value has no metric in MLflow: it reads back as absent
+        got = back[key] if key in back or not isinstance(recomputed[key], list) else [None] * len(recomputed[key])
+        assert nan(got) == pytest.approx(nan(recomputed[key]), nan_ok=True), key
