@@ -59,7 +59,7 @@ BY_TURN = "by_turn/"  # per-turn curves, step = turn
 PCT = "_pct"  # a share logged as a percentage
 FRACTIONS = ("accuracy", "correction_uplift", "correction_share", "accuracy_at_turn")  # and every "*_rate"
 CURVE_NAMES = {"accuracy_at_turn": "accuracy"}  # by_turn/accuracy_pct, not by_turn/accuracy_at_turn_pct
-# the headline names in the runs table (every summary scalar and curve is logged, these always)
+# the headline names in the runs table (every summary scalar and curve is logged; a curve has a point per turn it has a value at)
 FINAL_METRICS = ("accuracy_pct", "correction_uplift_pct", "avg_turn", "avg_time_s", "peak_memory_mb")
 STEP_METRICS = ("by_turn/accuracy_pct", "by_turn/delta_theta_sq", "by_turn/delta_x_sq")
 
@@ -271,13 +271,14 @@ def log_params(mc: Any, run_id: str, params: dict[str, Any]) -> None:
 
 
 def log_metrics(mc: Any, run_id: str, summary: dict[str, Any]) -> None:
-    """Finals at step 0 and the per-turn curves with step = turn (1-based)."""
+    """Finals at step 0 (NaN where undefined) and the per-turn curves with step = turn (1-based),
+    a point only where the curve has a value: MLflow's views drop a metric whose last step is NaN."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
     finals, curves = metrics_of(summary)
     items = [Metric(k, v, now, 0) for k, v in finals.items()]
-    items += [Metric(k, v, now, turn) for k, values in curves.items() for turn, v in enumerate(values, 1)]
+    items += [Metric(k, v, now, turn) for k, values in curves.items() for turn, v in enumerate(values, 1) if not math.isnan(v)]
     for start in range(0, len(items), 1000):
         mc.log_batch(run_id, metrics=items[start:start + 1000])
 
@@ -377,17 +378,22 @@ def cell_runs(mc: Any, study: str) -> list[Any]:
 
 def summary_from_run(mc: Any, run: Any) -> dict[str, Any]:
     """A summary dict rebuilt from a run's logged metrics (finals + per-turn curves), under the
-    summary's own keys and in its units (fractions), whatever names the run was logged with."""
+    summary's own keys and in its units (fractions), whatever names the run was logged with. A
+    turn a curve has no point at (nothing to average there) is None, as in the summary."""
     summary: dict[str, Any] = {}
+    curves: dict[str, dict[int, float]] = {}
     for name in run.data.metrics:
         key, scale = summary_key(name)
         history = mc.get_metric_history(run.info.run_id, name)
-        steps = sorted((m.step, m.value) for m in history if m.step > 0)
-        if steps:
-            summary[key] = [v / scale for _, v in steps]
+        steps = {m.step: m.value / scale for m in history if m.step > 0}
+        if steps or name.startswith(BY_TURN):
+            curves[key] = steps
         else:
             value = history[-1].value
             summary[key] = None if math.isnan(value) else value / scale
+    for key, steps in curves.items():
+        turns = max([int(summary.get("max_turns") or 0), *steps])
+        summary[key] = [None if math.isnan(steps.get(t, math.nan)) else steps[t] for t in range(1, turns + 1)]
     summary.update(read_summary_extras(mc, run.info.run_id))
     return summary
 
