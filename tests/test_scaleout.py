@@ -90,9 +90,19 @@ class Worker:
         )
 
     def kill(self) -> None:
-        """The worker process dies (SIGKILL to its group; Prefect starts each cell in a session of its own)."""
+        """The worker's host dies: SIGKILL to the worker's group and to every process below it.
+        Prefect starts each cell in a session of its own, so the group alone leaves the cell running
+        (it used to die only on its next write to the dead worker's pipe, which a quiet cell never makes)."""
+        import psutil
+
         if self.proc.poll() is None:
+            cells = psutil.Process(self.proc.pid).children(recursive=True)
             os.killpg(self.proc.pid, signal.SIGKILL)
+            for process in cells:
+                try:
+                    process.kill()
+                except psutil.NoSuchProcess:
+                    pass
             self.proc.wait()
 
     def stop(self) -> None:

@@ -156,4 +156,4 @@ def test_check_passes_a_local_model_directory_and_dataset_file(tmp_path, capsys)
     assert main(["sweep", str(path), "--check"]) == 0
     out = capsys.readouterr().out
     assert "semantic.critic Qwen/Qwen3-8B: hub id, not checked" in out  # hub ids are named, not failed
-    assert str(model) not in out and "1 cells" in out
+    assert str(model) not in out and "1 cell," in out
