@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator, TextIO
 from rosa2.cli.session import add_engine_arguments, build_engine, engine_configs
 from rosa2.environment import Environment, Scorer, Step
 from rosa2.errors import Rosa2Error
+from rosa2.report import plural
 from rosa2.records import Problem, RewardResult, TurnRecord
 
 ACCEPT = ("", "y", "yes")
@@ -240,7 +241,7 @@ def cmd(args: argparse.Namespace, stream: TextIO | None = None) -> int:
     show_progress(engine, Status(sys.stderr))
     session = configs["session"]
     chat = Chat(engine, stream, args)
-    print(f"rosa2 chat · method {session.method} · up to {session.max_turns} turns · /help lists the commands")
+    print(f"rosa2 chat · method {session.method} · up to {plural(session.max_turns, 'turn')} · /help lists the commands")
     environment = HumanEnvironment(chat.verdict)
     for number in itertools.count(1):
         try:

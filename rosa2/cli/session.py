@@ -9,6 +9,7 @@ from dataclasses import asdict
 from typing import Any
 
 from rosa2.cli import adapter_source
+from rosa2.report import plural
 from rosa2.config import (
     AdaptConfig,
     ConfigError,
@@ -101,7 +102,7 @@ def cmd(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"summary": summary}))
     else:
-        outcome = f"solved at turn {result.turn_solved}" if result.solved else f"not solved in {result.turns_used} turns"
+        outcome = f"solved at turn {result.turn_solved}" if result.solved else f"not solved in {plural(result.turns_used, 'turn')}"
         print(f"=== {result.method}: {outcome}, {result.seconds:.1f} s, peak memory {result.peak_memory_bytes / 2**20:.0f} MiB")
     return 0
 
