@@ -15,8 +15,8 @@ from prefect import flow
 
 from rosa2.config import ConfigError, SessionConfig, TrackingConfig
 from rosa2.session import uses_streams
-from tasks.cells import Cell
-from flows.experiment import GroupOutcome, run_group
+from rosa2.tasks.cells import Cell
+from rosa2.flows.experiment import GroupOutcome, run_group
 
 ABLATION_MAX_TURNS = 10
 ABLATION_METHODS = ("baseline", "textgrad", "rosa", "rosa2", "switch-w2p@5", "switch-p2w@5")

@@ -23,9 +23,9 @@ from rosa2 import metrics, report
 from rosa2.config import TrackingConfig
 from rosa2.models import display_name
 from rosa2.report import CellSummary
-from tasks import publish, sessions
-from tasks import tracking as tr
-from tasks.cells import Cell, ResultStore, claim, digest
+from rosa2.tasks import publish, sessions
+from rosa2.tasks import tracking as tr
+from rosa2.tasks.cells import Cell, ResultStore, claim, digest
 
 
 @dataclass
@@ -189,7 +189,7 @@ def run_group(cells: list[Cell], tracking: TrackingConfig, name: str, kind: str,
         parent = publish.open_group(tracking, key, name, kind)
         with tr.ends_honestly(tracking, parent.run_id):  # a cell that fails or is killed ends its parent too
             if scaleout is not None and scaleout.runner != "local":
-                from flows import scaleout as fan_out
+                from rosa2.flows import scaleout as fan_out
 
                 fan_out.run([{"cell": c, "tracking": tracking, "parent_run_id": parent.run_id, "progress": False} for c in cells], scaleout)
             outcomes = [experiment(cell, tracking, parent.run_id, progress) for cell in cells]

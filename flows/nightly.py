@@ -14,7 +14,7 @@ from typing import Any
 from prefect import flow
 
 from rosa2.config import ConfigError, TrackingConfig
-from flows import sweep as sweep_module
+from rosa2.flows import sweep as sweep_module
 
 DEPLOYMENT = "nightly"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

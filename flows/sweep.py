@@ -34,8 +34,8 @@ from typing import Any
 from prefect import flow
 
 from rosa2.config import ConfigError, DataConfig, GenerationConfig, ModelConfig, SessionConfig, TrackingConfig
-from tasks.cells import Cell, check_sandbox_floor
-from flows.experiment import GroupOutcome, run_group
+from rosa2.tasks.cells import Cell, check_sandbox_floor
+from rosa2.flows.experiment import GroupOutcome, run_group
 
 # one section per config of a Cell (model, session, data, generation, adapt, semantic, reward,
 # sandbox...), so a config the Cell gains is a section without a change here; plus tracking
@@ -174,7 +174,7 @@ def parse(text: str, source: str = "<sweep>") -> SweepSpec:
         raise ConfigError(f"{_where(source, nodes['study'][1])}: study={study!r} is not allowed; expected a name")
     spec = SweepSpec(study, data["models"], data["datasets"], data["methods"], data["seeds"], sections, source)
     if "scaleout" in nodes:
-        from flows.scaleout import from_mapping
+        from rosa2.flows.scaleout import from_mapping
 
         spec.scaleout = from_mapping(data["scaleout"], _where(source, nodes["scaleout"][1]))
     for key, (_, vnode) in nodes.items():

@@ -7,8 +7,8 @@ code reward uses; ``image.build(name)`` makes the image from the Dockerfile or f
 Docker (docker-py) is imported only when a pool or a build is made.
 """
 
-from sandbox.client import OUTCOMES, Evaluation, Sandbox, SandboxInfraError, leftover_containers, shared
-from sandbox.image import SandboxError, build
+from rosa2.sandbox.client import OUTCOMES, Evaluation, Sandbox, SandboxInfraError, leftover_containers, shared
+from rosa2.sandbox.image import SandboxError, build
 
 __all__ = [
     "OUTCOMES", "Evaluation", "Sandbox", "SandboxError", "SandboxInfraError", "build", "leftover_containers", "shared",

@@ -24,8 +24,8 @@ from typing import Any
 from rosa2.config import SandboxConfig
 from rosa2.records import Problem
 from rosa2.rewards.code import CodeReward
-from sandbox import check
-from sandbox.client import HARNESS, Sandbox
+from rosa2.sandbox import check
+from rosa2.sandbox.client import HARNESS, Sandbox
 
 
 def default_host_python() -> str:

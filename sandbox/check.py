@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 from rosa2.errors import Rosa2Error
 from rosa2.records import Problem, RewardResult
 from rosa2.rewards.code import CodeReward
-from sandbox.client import Sandbox
+from rosa2.sandbox.client import Sandbox
 
 
 def canonical(problem: Problem) -> str:

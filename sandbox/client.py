@@ -37,8 +37,8 @@ from typing import Any
 
 from rosa2 import env
 from rosa2.config import SandboxConfig
-from sandbox.harness import RELAY, ZYGOTE_READY
-from sandbox.image import LABEL, SandboxError, docker_client, image_exists
+from rosa2.sandbox.harness import RELAY, ZYGOTE_READY
+from rosa2.sandbox.image import LABEL, SandboxError, docker_client, image_exists
 
 OUTCOMES = ("passed", "failed", "error", "timeout", "oom", "syntax_error", "sandbox_error")
 HARNESS = (Path(__file__).resolve().parent / "harness.py").read_text()

@@ -22,9 +22,9 @@ from rosa2.config import TrackingConfig
 from rosa2.errors import Rosa2Error
 from rosa2.models import display_name
 from rosa2.records import ProblemResult
-from tasks import tracking, traces
-from tasks.cells import Cell, ResultStore
-from tasks.sessions import PreparedDataset, retry_infrastructure_only
+from rosa2.tasks import tracking, traces
+from rosa2.tasks.cells import Cell, ResultStore
+from rosa2.tasks.sessions import PreparedDataset, retry_infrastructure_only
 
 F = TypeVar("F", bound=Callable[..., Any])
 

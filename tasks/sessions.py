@@ -26,7 +26,7 @@ from rosa2 import env
 from rosa2.config import ADAPTER_RETENTION, DataConfig
 from rosa2.errors import Rosa2Error
 from rosa2.records import Problem, ProblemResult
-from tasks.cells import Cell, ResultStore, _atomic_write, digest
+from rosa2.tasks.cells import Cell, ResultStore, _atomic_write, digest
 
 GPU_TAG = "rosa2-gpu"  # `prefect concurrency-limit create rosa2-gpu <GPUs>` bounds sessions per host
 INFRA_NAMES = ("SandboxError", "DockerException", "APIError", "OutOfMemoryError", "AcceleratorError")

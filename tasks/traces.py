@@ -27,7 +27,7 @@ import math
 from typing import Any
 
 from rosa2.records import ProblemResult, TurnRecord
-from tasks.tracking import TrackingError
+from rosa2.tasks.tracking import TrackingError
 
 SESSION = "mlflow.trace.session"
 SOURCE_RUN = "mlflow.sourceRun"

@@ -291,7 +291,7 @@ def set_tags(mc: Any, run_id: str, tags: dict[str, Any]) -> None:
 
 def log_results(mc: Any, run_id: str, results: list[ProblemResult]) -> None:
     """Per-problem results and transcripts as ``results.jsonl``, plus a flat table for the UI."""
-    from tasks.cells import results_jsonl
+    from rosa2.tasks.cells import results_jsonl
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / RESULTS_FILE
@@ -311,7 +311,7 @@ def log_results(mc: Any, run_id: str, results: list[ProblemResult]) -> None:
 
 
 def download_results(mc: Any, run_id: str) -> list[ProblemResult]:
-    from tasks.cells import read_results_jsonl
+    from rosa2.tasks.cells import read_results_jsonl
 
     with tempfile.TemporaryDirectory() as tmp:
         local = mc.download_artifacts(run_id, RESULTS_FILE, tmp)

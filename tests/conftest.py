@@ -28,7 +28,7 @@ def tiny():
 def sandbox_image() -> str:
     """The sandbox image name, built if missing; skips (with the reason) when no Docker engine answers."""
     from rosa2.config import SandboxConfig
-    from sandbox.image import SandboxError, build, docker_client
+    from rosa2.sandbox.image import SandboxError, build, docker_client
 
     image = SandboxConfig().image
     try:

@@ -26,8 +26,8 @@ def toy_cell(model_dir: str, method: str, seed: int, study: str, ledger: str, pr
 
     from rosa2 import models
     from rosa2.policy import Policy
-    from tasks import tracking
-    from tasks.cells import digest
+    from rosa2.tasks import tracking
+    from rosa2.tasks.cells import digest
 
     torch.set_num_threads(1)  # same arithmetic in every process: results comparable across runners
     key = digest({"model": model_dir, "method": method, "seed": seed, "problems": problems})

@@ -157,7 +157,7 @@ def test_a_promoted_adapter_loads_with_mlflow_transformers_and_with_adapter_mode
 
     from rosa2.cli import adapter_source, main
     from rosa2.cli.adapters import promote
-    from tasks import tracking as tr
+    from rosa2.tasks import tracking as tr
 
     tracking, _ = platform_servers
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking.mlflow_uri)

@@ -70,7 +70,7 @@ def test_session_cli_names_both_numbers_for_a_100k_character_question():
 
 
 def test_sandbox_limits_below_what_a_container_starts_with_are_refused_when_the_cell_is_built():
-    from tasks.cells import SANDBOX_FLOORS, Cell
+    from rosa2.tasks.cells import SANDBOX_FLOORS, Cell
 
     with pytest.raises(ConfigError, match=r"sandbox.memory_mb=1 is below what a sandbox container can start with \(32 MB"):
         Cell(sandbox=SandboxConfig(memory_mb=1))
@@ -91,7 +91,7 @@ def test_run_refuses_sandbox_memory_1_before_any_work(tmp_path):
 
 
 def test_sweep_file_sandbox_floor_names_the_line(tmp_path):
-    from flows import sweep as sweep_module
+    from rosa2.flows import sweep as sweep_module
 
     path = tmp_path / "s.yaml"
     path.write_text("models: [embedded]\ndatasets: [embedded-math]\nmethods: [rosa]\nseeds: [0]\nsandbox:\n  timeout_s: 5\n  memory_mb: 1\n")

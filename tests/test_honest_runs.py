@@ -65,7 +65,7 @@ def _prefect(tracking, path: str, body: dict | None = None):
 
 @pytest.fixture()
 def mc(platform_servers):
-    from tasks import tracking as tr
+    from rosa2.tasks import tracking as tr
 
     return tr.client(platform_servers[0])
 
@@ -174,7 +174,7 @@ def test_kill_9_then_the_rerun_marks_the_abandoned_flow_run_crashed(platform_ser
 
 
 def test_two_runs_of_one_cell_at_once_make_one_run_and_compute_each_problem_once(platform_servers, tiny_dir, tmp_path, mc):
-    from tasks import tracking as tr
+    from rosa2.tasks import tracking as tr
 
     tracking, _ = platform_servers
     study = "concurrent-test"
@@ -200,8 +200,8 @@ def test_two_runs_of_one_cell_at_once_make_one_run_and_compute_each_problem_once
 def test_eight_openers_of_one_cell_key_under_its_claim_share_one_run(platform_servers, mc, tmp_path):
     """What the experiment flow does before it opens a cell's run; without the claim the eight
     find-then-create calls race and make several runs (measured: 8 runs of 8, three times of three)."""
-    from tasks import publish
-    from tasks.cells import Cell, claim
+    from rosa2.tasks import publish
+    from rosa2.tasks.cells import Cell, claim
 
     tracking, _ = platform_servers
     tracking = type(tracking)(**{**tracking.__dict__, "study": "open-race-test"})
@@ -230,10 +230,10 @@ def test_eight_openers_of_one_cell_key_under_its_claim_share_one_run(platform_se
 
 
 def test_a_claim_says_who_holds_it_and_is_released_by_death(tmp_path):
-    from tasks.cells import CellBusy, claim
+    from rosa2.tasks.cells import CellBusy, claim
 
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from tasks.cells import claim\n"
+        [sys.executable, "-c", "import sys, time; from rosa2.tasks.cells import claim\n"
          f"with claim('k1', home={str(tmp_path)!r}, flow_run_id='fr-1'):\n    print('held', flush=True); time.sleep(600)"],
         cwd=ROOT, stdout=subprocess.PIPE, text=True,
     )

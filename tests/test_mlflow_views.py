@@ -40,7 +40,7 @@ def _results() -> list[ProblemResult]:
 
 
 def test_finals_and_curves_have_names_that_cannot_be_mistaken_and_come_back_as_the_summary():
-    from tasks import tracking as tr
+    from rosa2.tasks import tracking as tr
 
     summary = summarize(_results(), 3)
     finals, curves = tr.metrics_of(summary)
@@ -105,11 +105,11 @@ def test_plots_have_integer_turn_ticks_and_equal_lines_stay_apart():
 
 @pytest.mark.slow
 def test_a_cell_is_sessions_of_turn_traces_with_source_tags_units_and_a_description(platform, tiny_dir):
-    from flows.experiment import experiment
+    from rosa2.flows.experiment import experiment
     from rosa2.config import DataConfig, GenerationConfig, ModelConfig, SemanticConfig, SessionConfig
-    from tasks import traces
-    from tasks import tracking as tr
-    from tasks.cells import Cell
+    from rosa2.tasks import traces
+    from rosa2.tasks import tracking as tr
+    from rosa2.tasks.cells import Cell
 
     tracking = dataclasses.replace(platform, study="views-test")
     cell = Cell(

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 
 def tiny_cell(tiny_dir, method: str, seed: int = 0):
-    from tasks.cells import Cell
+    from rosa2.tasks.cells import Cell
 
     return Cell(
         model=ModelConfig(name=str(tiny_dir), device="cpu"),
@@ -38,16 +38,16 @@ def tiny_cell(tiny_dir, method: str, seed: int = 0):
 
 
 def client(tracking):
-    from tasks import tracking as tr
+    from rosa2.tasks import tracking as tr
 
     return tr.client(tracking)
 
 
 def test_cell_logs_metrics_artifacts_adapters_and_the_report_matches_the_results(platform, tiny_dir):
-    from flows.experiment import experiment
+    from rosa2.flows.experiment import experiment
     from rosa2.cli.adapters import layer_norms, list_adapters, pull
     from rosa2.cli.report import study_cells
-    from tasks import tracking as tr
+    from rosa2.tasks import tracking as tr
 
     tracking = dataclasses.replace(platform, study="cell-test", adapters="all")
     cell = tiny_cell(tiny_dir, "rosa")
@@ -120,8 +120,8 @@ model: {{device: cpu}}
 
 
 def test_sweep_creates_a_parent_with_one_child_per_cell(platform, tiny_dir, tmp_path):
-    from flows import sweep as sweep_module
-    from tasks import tracking as tr
+    from rosa2.flows import sweep as sweep_module
+    from rosa2.tasks import tracking as tr
 
     path = tmp_path / "grid.yaml"
     path.write_text(SWEEP.format(study="sweep-test", model=tiny_dir))
@@ -157,7 +157,7 @@ def _sweep_process(path: Path, tracking: TrackingConfig, home: Path) -> subproce
 
 
 def test_kill_a_sweep_and_rerun_it_skips_finished_cells_without_duplicates(platform_servers, tiny_dir, tmp_path):
-    from tasks import tracking as tr
+    from rosa2.tasks import tracking as tr
 
     tracking, _ = platform_servers
     study = "resume-test"
@@ -208,7 +208,7 @@ def test_kill_a_sweep_and_rerun_it_skips_finished_cells_without_duplicates(platf
 def test_nightly_deployment_is_registered_with_its_cron_schedule(platform, tiny_dir, tmp_path):
     from prefect import get_client
 
-    from flows import nightly
+    from rosa2.flows import nightly
 
     path = tmp_path / "grid.yaml"
     path.write_text(SWEEP.format(study="nightly-test", model=tiny_dir))
@@ -249,7 +249,7 @@ def test_run_says_which_server_is_down_and_how_to_start_it(tmp_path):
     ],
 )
 def test_sweep_file_errors_name_the_field_and_line(text, match, tmp_path):
-    from flows import sweep as sweep_module
+    from rosa2.flows import sweep as sweep_module
 
     path = tmp_path / "bad.yaml"
     path.write_text(text)
@@ -259,7 +259,7 @@ def test_sweep_file_errors_name_the_field_and_line(text, match, tmp_path):
 
 
 def test_sweep_file_grid_expands_to_cells(tmp_path):
-    from flows import sweep as sweep_module
+    from rosa2.flows import sweep as sweep_module
 
     path = tmp_path / "grid.yaml"
     path.write_text(SWEEP.format(study="s", model="embedded").replace("seeds: [0]", "seeds: [0, 1, 2]"))
@@ -275,10 +275,10 @@ def test_sweep_file_grid_expands_to_cells(tmp_path):
 
 def test_mlflow_down_mid_run_keeps_results_and_the_rerun_uploads_them(platform, tiny_dir, tmp_path):
     from conftest import free_port
-    from flows.experiment import experiment
+    from rosa2.flows.experiment import experiment
     from rosa2 import stack
-    from tasks import publish, sessions
-    from tasks.cells import ResultStore
+    from rosa2.tasks import publish, sessions
+    from rosa2.tasks.cells import ResultStore
 
     own = dataclasses.replace(platform, mlflow_uri=f"http://127.0.0.1:{free_port()}", study="offline-test")
     server_home = tmp_path / "mlflow-home"
@@ -309,8 +309,8 @@ def test_mlflow_down_mid_run_keeps_results_and_the_rerun_uploads_them(platform, 
 
 
 def test_ctrl_c_marks_the_cell_run_killed_and_the_rerun_resumes_it(platform, tiny_dir, monkeypatch):
-    from flows.experiment import experiment
-    from tasks import sessions
+    from rosa2.flows.experiment import experiment
+    from rosa2.tasks import sessions
 
     tracking = dataclasses.replace(platform, study="interrupt-test")
     cell = tiny_cell(tiny_dir, "baseline")
@@ -335,7 +335,7 @@ def test_ctrl_c_marks_the_cell_run_killed_and_the_rerun_resumes_it(platform, tin
 
 
 def test_ablation_has_the_six_methods_and_sweeps_update_contexts(tiny_dir):
-    from flows.ablation import ABLATION_METHODS, ablation_cells
+    from rosa2.flows.ablation import ABLATION_METHODS, ablation_cells
 
     long = tiny_cell(tiny_dir, "baseline").replace(session=SessionConfig(method="baseline", max_turns=10))
     assert [c.method for c in ablation_cells(long)] == list(ABLATION_METHODS)

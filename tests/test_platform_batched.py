@@ -30,7 +30,7 @@ FINISH_ORDER = ["c1", "m0", "m2", "m3", "m4"]
 
 
 def cell_for(tiny_dir, method: str, parallel: int):
-    from tasks.cells import Cell
+    from rosa2.tasks.cells import Cell
 
     return Cell(
         model=ModelConfig(name=str(tiny_dir), device="cpu"),
@@ -50,8 +50,8 @@ class Run:
 
 
 def run_cell(tiny_dir, root, method: str, parallel: int) -> Run:
-    from tasks.cells import ResultStore
-    from tasks.sessions import run_cell_sessions
+    from rosa2.tasks.cells import ResultStore
+    from rosa2.tasks.sessions import run_cell_sessions
 
     cell, store, finished = cell_for(tiny_dir, method, parallel), ResultStore(root), []
     results = run_cell_sessions(
@@ -72,7 +72,7 @@ def runs(tiny_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("method", ["rosa", "rosa2"])
 def test_batched_cell_gives_the_one_at_a_time_results(runs, method):
-    from tasks import sessions
+    from rosa2.tasks import sessions
 
     single, batched = runs[(method, 1)], runs[(method, PARALLEL)]
     assert [r.problem_id for r in batched.results] == [p.id for p in PROBLEMS]  # problem order, not finish order
@@ -97,7 +97,7 @@ def test_batched_cell_gives_the_one_at_a_time_results(runs, method):
 
 
 def test_rerun_loads_the_store_and_resumes_only_what_is_missing(runs, tiny_dir):
-    from tasks import sessions
+    from rosa2.tasks import sessions
 
     done = runs[("rosa", PARALLEL)]
     sessions._engines.clear()
@@ -167,7 +167,7 @@ def test_kept_adapters_are_peft_adapters_equal_to_the_one_at_a_time_engines(runs
 
 
 def test_parallel_sessions_is_validated_and_reaches_the_cell_from_cli_and_sweep(tmp_path):
-    from flows import sweep as sweep_module
+    from rosa2.flows import sweep as sweep_module
     from rosa2.cli import build_parser
     from rosa2.cli.run import base_cell
     from rosa2.config import from_args

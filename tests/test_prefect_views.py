@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 
 def tiny_cell(tiny_dir, method: str):
-    from tasks.cells import Cell
+    from rosa2.tasks.cells import Cell
 
     return Cell(
         model=ModelConfig(name=str(tiny_dir), device="cpu"),
@@ -45,8 +45,8 @@ def test_flow_runs_say_what_they_run_and_each_cell_links_its_mlflow_run(platform
     from prefect import get_client
     from prefect.client.schemas.objects import Artifact
 
-    from flows.experiment import cells_flow
-    from tasks import tracking as tr
+    from rosa2.flows.experiment import cells_flow
+    from rosa2.tasks import tracking as tr
 
     tracking = dataclasses.replace(platform, study="prefect-views")
     outcome = cells_flow([tiny_cell(tiny_dir, "baseline")], tracking, "rosa2 run baseline", False)

@@ -168,7 +168,7 @@ def test_switch_methods_sort_after_the_main_four_and_empty_report():
 def test_a_summary_read_back_from_mlflow_keeps_its_per_problem_outcomes(tmp_path):
     from mlflow import MlflowClient
 
-    from tasks import tracking as tr
+    from rosa2.tasks import tracking as tr
 
     base, rosa2 = cells()
     finals, curves = tr.metrics_of(rosa2.summary)

@@ -17,7 +17,7 @@ from rosa2.config import DataConfig, SandboxConfig
 from rosa2.errors import Rosa2Error
 from rosa2.records import Problem
 from rosa2.rewards.code import CodeReward, assemble, extract_code
-from sandbox import harness
+from rosa2.sandbox import harness
 
 HUMANEVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "humaneval.jsonl.gz"
 STUB = 'from typing import List\n\n\ndef add(a: int, b: int) -> int:\n    """Sum of a and b."""\n'
@@ -61,7 +61,7 @@ def test_assemble_full_body_and_dedented_body():
 def _evaluate(program, tests=None, entry_point=None):
     """The harness's result for one evaluation, run on the host (its host mode: the judge and the
     candidate are separate processes, without separate uids)."""
-    from sandbox.bench import host_run
+    from rosa2.sandbox.bench import host_run
 
     return host_run(program, tests, entry_point, 60)[0]
 
@@ -228,8 +228,8 @@ def test_harness_runs_unittest_cases_one_test_per_method():
 
 
 def test_harness_empties_only_the_scratch_folder_it_is_given(tmp_path):
-    from sandbox.bench import host_evaluate
-    from sandbox.client import HARNESS
+    from rosa2.sandbox.bench import host_evaluate
+    from rosa2.sandbox.client import HARNESS
 
     keep = tmp_path / "keep.txt"
     keep.write_text("mine")
@@ -254,7 +254,7 @@ def test_code_reward_refuses_bad_problems():
 
 
 def test_build_refuses_an_unknown_method():
-    from sandbox.image import SandboxError, build
+    from rosa2.sandbox.image import SandboxError, build
 
     with pytest.raises(SandboxError, match="'podman'.*auto"):
         build("rosa2-sandbox:latest", method="podman")
@@ -266,7 +266,7 @@ def test_build_refuses_an_unknown_method():
 
 @pytest.fixture(scope="module")
 def pool(sandbox_image):
-    from sandbox import Sandbox
+    from rosa2.sandbox import Sandbox
 
     with Sandbox(SandboxConfig(image=sandbox_image, timeout_s=10, memory_mb=128, retries=1)) as sandbox:
         sandbox.warm()
@@ -311,7 +311,7 @@ def test_program_output_is_captured_and_tmp_starts_empty(pool):
 
 @pytest.mark.docker
 def test_a_container_lost_under_the_pool_is_an_infrastructure_error_that_is_retried(pool):
-    from sandbox import Sandbox
+    from rosa2.sandbox import Sandbox
 
     victim = pool._acquire()
     victim.remove(force=True)  # the engine loses a container between two evaluations
@@ -342,9 +342,9 @@ def test_parallel_evaluations_share_the_pool_safely(pool):
 
 @pytest.mark.docker
 def test_close_removes_every_container(sandbox_image):
-    from sandbox import Sandbox
-    from sandbox.client import OWNER_LABEL
-    from sandbox.image import docker_client
+    from rosa2.sandbox import Sandbox
+    from rosa2.sandbox.client import OWNER_LABEL
+    from rosa2.sandbox.image import docker_client
 
     client = docker_client()
     sandbox = Sandbox(SandboxConfig(image=sandbox_image, pool_size=2, timeout_s=2))
@@ -358,11 +358,11 @@ def test_close_removes_every_container(sandbox_image):
 
 @pytest.mark.docker
 def test_containers_of_a_killed_process_are_removed_by_the_next_pool(sandbox_image):
-    from sandbox import Sandbox
-    from sandbox.image import docker_client
+    from rosa2.sandbox import Sandbox
+    from rosa2.sandbox.image import docker_client
 
     orphaning = (
-        "import os\nfrom sandbox import Sandbox\nfrom rosa2.config import SandboxConfig\n"
+        "import os\nfrom rosa2.sandbox import Sandbox\nfrom rosa2.config import SandboxConfig\n"
         f"pool = Sandbox(SandboxConfig(image={sandbox_image!r}, pool_size=1))\npool.warm()\n"
         "print(pool.containers()[0].id, flush=True)\nos._exit(0)  # no atexit, as after SIGKILL\n"
     )
@@ -375,7 +375,7 @@ def test_containers_of_a_killed_process_are_removed_by_the_next_pool(sandbox_ima
 
 
 def _labelled(client) -> set[str]:
-    from sandbox.image import LABEL
+    from rosa2.sandbox.image import LABEL
 
     return {c.id for c in client.containers.list(all=True, filters={"label": LABEL})}
 
@@ -386,7 +386,7 @@ def _rosa2(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.docker
 def test_cli_build_run_and_check_leave_no_container(sandbox_image, tmp_path):
-    from sandbox.image import docker_client
+    from rosa2.sandbox.image import docker_client
 
     client = docker_client()
     before = _labelled(client)
@@ -424,7 +424,7 @@ def test_humaneval_canonical_solutions_pass_and_fail_other_tasks_tests(pool):
     if not HUMANEVAL.is_file():
         pytest.skip(f"{HUMANEVAL} is not here (../shared/data)")
     from rosa2.data import load_problems
-    from sandbox import check
+    from rosa2.sandbox import check
 
     problems = load_problems(DataConfig(dataset=str(HUMANEVAL)))
     assert len(problems) == 164

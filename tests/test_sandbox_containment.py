@@ -23,7 +23,7 @@ MEMORY_MB = 128
 
 @pytest.fixture(scope="module")
 def pool(sandbox_image):
-    from sandbox import Sandbox
+    from rosa2.sandbox import Sandbox
 
     cfg = SandboxConfig(image=sandbox_image, pool_size=2, timeout_s=TIMEOUT_S, memory_mb=MEMORY_MB, pids_limit=32, tmpfs_mb=16, output_limit_bytes=64 * 1024)
     with Sandbox(cfg) as sandbox:
@@ -34,7 +34,7 @@ def pool(sandbox_image):
 @pytest.fixture()
 def contained(pool):
     """Runs one hostile evaluation, then checks that the pool is clean and still works."""
-    from sandbox.client import OWNER_LABEL
+    from rosa2.sandbox.client import OWNER_LABEL
 
     def run(program: str, tests: str | None = None, entry_point: str | None = None):
         start = time.monotonic()

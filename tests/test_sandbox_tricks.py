@@ -425,7 +425,7 @@ def run_trick(pool, name: str):
 
 @pytest.fixture(scope="module")
 def pool(sandbox_image):
-    from sandbox import Sandbox
+    from rosa2.sandbox import Sandbox
 
     with Sandbox(SandboxConfig(image=sandbox_image, pool_size=1, timeout_s=10, memory_mb=256, retries=1)) as sandbox:
         sandbox.warm()
@@ -521,13 +521,13 @@ sys.exit(%d)
 
 
 def _fake_exec(monkeypatch, how: str, code: int) -> None:
-    import sandbox.client
+    import rosa2.sandbox.client
 
     monkeypatch.setattr(sandbox.client, "RELAY", FAKE_HARNESS % (how, code))
 
 
 def test_a_verdict_is_taken_only_from_an_exec_that_exited_with_code_0(pool, monkeypatch):
-    from sandbox.image import docker_client
+    from rosa2.sandbox.image import docker_client
 
     _fake_exec(monkeypatch, "exit", 3)
     forged = pool.run(WRONG, TESTS, "add")
@@ -554,7 +554,7 @@ def test_a_verdict_is_taken_only_from_an_exec_that_exited_with_code_0(pool, monk
 
 
 def main() -> None:  # pragma: no cover - the report's table
-    from sandbox import Sandbox
+    from rosa2.sandbox import Sandbox
 
     with Sandbox(SandboxConfig(pool_size=1, timeout_s=10, retries=1)) as pool:
         for name in TRICKS:

@@ -125,7 +125,7 @@ def _cells(topology: dict, seeds: range, study: str, ledger: Path, pause_s: floa
 def _experiment_cell(topology: dict, seed: int):
     """A real cell on the tiny model: 2 embedded math problems, 2 turns, 8 tokens."""
     from rosa2.config import DataConfig, GenerationConfig, ModelConfig, SessionConfig
-    from tasks.cells import Cell
+    from rosa2.tasks.cells import Cell
 
     return Cell(model=ModelConfig(name=topology["model"], device="cpu"), session=SessionConfig(method="baseline", max_turns=2),
                 data=DataConfig(dataset="embedded-math", limit=2), generation=GenerationConfig(max_new_tokens=8, seed=seed))
@@ -142,7 +142,7 @@ def _cell_flow_runs() -> list:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
     from prefect.client.schemas.sorting import FlowRunSort
 
-    from flows.scaleout import CELL_TAG
+    from rosa2.flows.scaleout import CELL_TAG
 
     with get_client(sync_client=True) as client:  # (sort given: this server rejects a null one)
         return client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[CELL_TAG])),
@@ -150,7 +150,7 @@ def _cell_flow_runs() -> list:
 
 
 def _pool_cfg(**kw):
-    from flows.scaleout import ScaleoutConfig
+    from rosa2.flows.scaleout import ScaleoutConfig
 
     return ScaleoutConfig(**{"runner": "pool", "entrypoint": CELL, "pool": POOL, "lost_after_s": LOST_AFTER_S,
                              "poll_s": 1.0, **kw})
@@ -159,7 +159,7 @@ def _pool_cfg(**kw):
 def _mlflow_runs(study: str) -> dict[str, list]:
     from mlflow import MlflowClient
 
-    from tasks.tracking import TAG_CELL
+    from rosa2.tasks.tracking import TAG_CELL
 
     mc = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     exp = mc.get_experiment_by_name(study)
@@ -170,7 +170,7 @@ def _mlflow_runs(study: str) -> dict[str, list]:
 
 
 def test_config_names_bad_values():
-    from flows.scaleout import ScaleoutConfig
+    from rosa2.flows.scaleout import ScaleoutConfig
 
     with pytest.raises(ConfigError, match="runner='slurm'.*local.*pool.*ray"):
         ScaleoutConfig(runner="slurm")
@@ -178,7 +178,7 @@ def test_config_names_bad_values():
         ScaleoutConfig(entrypoint="experiment")
     with pytest.raises(ConfigError, match="lost_after_s=10"):
         ScaleoutConfig(lost_after_s=10)
-    from flows.sweep import parse
+    from rosa2.flows.sweep import parse
 
     grid = "models: [embedded]\ndatasets: [embedded-math]\nmethods: [baseline]\nseeds: [0]\n"
     with pytest.raises(ConfigError, match=r"s\.yaml:5: unknown field scaleout\.'gpus'"):
@@ -214,8 +214,8 @@ def workers(topology):
 
 def test_two_workers_split_a_sweep_every_cell_once(topology, workers):
     """The platform's sweep flow with ``scaleout: {runner: pool}``: four cells, two workers."""
-    from flows.sweep import parse, sweep
-    from tasks.tracking import TAG_CELL, TAG_KIND
+    from rosa2.flows.sweep import parse, sweep
+    from rosa2.tasks.tracking import TAG_CELL, TAG_KIND
 
     text = (f"study: split\nmodels: [{topology['model']}]\ndatasets: [embedded-math]\nmethods: [baseline]\n"
             "seeds: [0, 1, 2, 3]\nsession: {max_turns: 2}\ndata: {limit: 2}\ngeneration: {max_new_tokens: 8}\n"
@@ -250,7 +250,7 @@ def test_two_workers_split_a_sweep_every_cell_once(topology, workers):
 def test_a_worker_killed_mid_cell_is_retried_elsewhere(topology, workers):
     import threading
 
-    from flows.scaleout import run
+    from rosa2.flows.scaleout import run
 
     ledger = topology["home"] / "lost.jsonl"
     victim: list[int] = []
@@ -290,8 +290,8 @@ def test_ray_gives_the_same_per_problem_results_as_one_process(topology):
     import torch
     from mlflow import MlflowClient
 
-    from flows.scaleout import ScaleoutConfig, run
-    from tasks.tracking import download_results
+    from rosa2.flows.scaleout import ScaleoutConfig, run
+    from rosa2.tasks.tracking import download_results
 
     def cells(study: str) -> list[dict]:
         return [{"cell": _experiment_cell(topology, s), "tracking": _tracking(topology, study), "progress": False}

@@ -23,7 +23,7 @@ CELLS = 4
 
 def test_two_workers_finish_a_sweep_faster_than_one(topology):
     """Real cells (the platform's experiment flow, tiny model, 2 problems × 2 turns each)."""
-    from flows.scaleout import run
+    from rosa2.flows.scaleout import run
 
     def sweep(study: str, seeds: range) -> float:
         cells = [{"cell": _experiment_cell(topology, s), "tracking": _tracking(topology, study), "progress": False}

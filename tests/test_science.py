@@ -64,8 +64,8 @@ def test_switch_turns_the_streams_over_after_turn_k():
 
 
 def test_ablation_flow_never_rewrites_the_switch_turn():
-    from flows.ablation import ABLATION_MAX_TURNS, ABLATION_METHODS, ablation_cells
-    from tasks.cells import Cell
+    from rosa2.flows.ablation import ABLATION_MAX_TURNS, ABLATION_METHODS, ablation_cells
+    from rosa2.tasks.cells import Cell
 
     assert ABLATION_MAX_TURNS == 10 and "switch-w2p@5" in ABLATION_METHODS and "switch-p2w@5" in ABLATION_METHODS
     ok = Cell(session=SessionConfig(method="baseline", max_turns=10))

@@ -4,7 +4,6 @@ sweep loader and holds the paper's protocol, every deployment's parameters bind 
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from flows import sweep as sweep_module
+from rosa2.flows import sweep as sweep_module
 from rosa2.cli import main
 from rosa2.config import ConfigError
 from rosa2.data import KNOWN
@@ -37,9 +36,11 @@ def bind_deployment(deployment: dict[str, Any]) -> inspect.BoundArguments:
     """Bind a deployment's parameters to its entrypoint flow as Prefect would call it: a scheduled
     run gets nothing but these parameters (all required ones must be there); an unscheduled one is
     called with more (``run_deployment(parameters=...)``), so these must at least be names it takes."""
+    from prefect.flows import load_flow_from_entrypoint
+
     path, _, name = deployment["entrypoint"].partition(":")
     assert (ROOT / path).is_file(), f"{deployment['name']}: entrypoint {path} does not exist"
-    flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), name)
+    flow = load_flow_from_entrypoint(f"{ROOT / path}:{name}")  # as a worker loads it, from the project root
     params = deployment.get("parameters") or {}
     signature = inspect.signature(flow.fn)
     if not deployment.get("schedules"):
@@ -55,7 +56,7 @@ def test_every_deployment_binds_to_its_flow(deployment):
     bound = bind_deployment(deployment)
     for key, value in bound.arguments.items():
         if key.endswith("_path"):  # files a deployment names must ship with the project
-            from flows.nightly import spec_file
+            from rosa2.flows.nightly import spec_file
 
             assert spec_file(value).is_file(), f"{deployment['name']}: {key}={value} does not exist"
             sweep_module.load(spec_file(value))

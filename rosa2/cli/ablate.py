@@ -20,7 +20,7 @@ DEMO_METHODS = ("baseline", "textgrad", "rosa", "rosa2", "switch-w2p@2", "switch
 def cmd(args: argparse.Namespace) -> int:
     tracking = from_args(TrackingConfig, args)
     base = base_cell(args, "baseline")
-    from flows.ablation import ablation, ablation_cells
+    from rosa2.flows.ablation import ablation, ablation_cells
 
     methods = tuple(args.methods or DEMO_METHODS)
     contexts = tuple(args.update_contexts or ())

@@ -20,7 +20,7 @@ from rosa2.errors import Rosa2Error
 
 def _client(args: argparse.Namespace) -> tuple[Any, TrackingConfig]:
     from rosa2 import stack
-    from tasks import tracking as tr
+    from rosa2.tasks import tracking as tr
 
     tracking = from_args(TrackingConfig, args, study=getattr(args, "study", None) or TrackingConfig().study)
     stack.require(tracking, ("mlflow",))
@@ -29,7 +29,7 @@ def _client(args: argparse.Namespace) -> tuple[Any, TrackingConfig]:
 
 def list_adapters(mc: Any, study: str) -> list[dict[str, Any]]:
     """One row per kept adapter in the study's finished cells."""
-    from tasks import tracking as tr
+    from rosa2.tasks import tracking as tr
 
     rows = []
     for run in tr.cell_runs(mc, study):
@@ -43,7 +43,7 @@ def list_adapters(mc: Any, study: str) -> list[dict[str, Any]]:
 
 
 def pull(mc: Any, run_id: str, problem: str, dest: str | Path | None = None) -> Path:
-    from tasks import tracking as tr
+    from rosa2.tasks import tracking as tr
 
     name = tr.safe_name(problem)
     target = Path(dest) if dest else env.home() / "adapters" / run_id
@@ -78,7 +78,7 @@ def promote(mc: Any, run_id: str, problem: str, name: str, alias: str, dest: str
     import tempfile
 
     from rosa2.cli import adapter_source
-    from tasks import tracking as tr
+    from rosa2.tasks import tracking as tr
 
     path = pull(mc, run_id, problem, dest)
     with tempfile.TemporaryDirectory() as tmp:
@@ -114,7 +114,7 @@ def cmd(args: argparse.Namespace) -> int:
             print(f"{name:56s} {a:10.4f} {b:12.4e} {d:12.4e}")
         print(f"{'total':56s} {sum(r[1] for r in rows):10.4f} {sum(r[2] for r in rows):12.4e} {sum(r[3] for r in rows):12.4e}")
     elif args.action == "promote":
-        from tasks import tracking as tr
+        from rosa2.tasks import tracking as tr
 
         if not args.name:
             raise Rosa2Error("`rosa2 adapters promote` needs --name (the registered model name)")

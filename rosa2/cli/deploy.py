@@ -9,7 +9,7 @@ from rosa2.config import TrackingConfig, add_arguments, from_args
 
 
 def cmd(args: argparse.Namespace) -> int:
-    from flows import nightly
+    from rosa2.flows import nightly
 
     tracking = from_args(TrackingConfig, args)
     deployment_id = nightly.register(args.file, args.cron, tracking, args.name, args.timezone, args.work_pool)

@@ -12,7 +12,7 @@ def study_cells(tracking: TrackingConfig) -> list:
     """Every finished cell of the study as a report.CellSummary (metrics as logged)."""
     from rosa2.models import display_name
     from rosa2.report import CellSummary
-    from tasks import tracking as tr
+    from rosa2.tasks import tracking as tr
 
     mc = tr.client(tracking)
     cells = []
@@ -41,7 +41,7 @@ def cmd(args: argparse.Namespace) -> int:
         for name, path in report.write(cells, args.out, title=f"study {args.study}").items():
             print(f"wrote {path}")
     if args.publish:
-        from tasks import tracking as tr
+        from rosa2.tasks import tracking as tr
 
         mc = tr.client(tracking)
         exp_id = tr.experiment_id(mc, args.study)

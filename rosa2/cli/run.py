@@ -71,7 +71,7 @@ def add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def base_cell(args: argparse.Namespace, method: str = "rosa2") -> Any:
-    from tasks.cells import Cell
+    from rosa2.tasks.cells import Cell
 
     return Cell(
         model=from_args(ModelConfig, args, prefix="model_"),
@@ -208,7 +208,7 @@ def cmd(args: argparse.Namespace) -> int:
     tracking = from_args(TrackingConfig, args)
     methods, cells = run_cells(args)
     with prepare_platform(tracking, args.verbose, cells):
-        from flows.experiment import cells_flow, experiment
+        from rosa2.flows.experiment import cells_flow, experiment
 
         if len(cells) == 1:
             outcome = experiment(cells[0], tracking, None, args.progress)

@@ -30,7 +30,7 @@ def _read(path: str, what: str) -> str:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from sandbox.image import build
+    from rosa2.sandbox.image import build
 
     cfg = from_args(SandboxConfig, args)
     build(cfg.image, force=args.force, method=args.method, log=lambda line: print(f"[sandbox] {line}"))
@@ -38,7 +38,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from sandbox import Sandbox
+    from rosa2.sandbox import Sandbox
 
     program = _read(args.file, "program")
     tests = _read(args.tests, "tests") if args.tests else None
@@ -64,7 +64,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     from rosa2.config import DataConfig
     from rosa2.data import load_problems
-    from sandbox import Sandbox, check
+    from rosa2.sandbox import Sandbox, check
 
     problems = load_problems(DataConfig(dataset=args.dataset, limit=args.limit))
     expect_pass = not args.shuffle_tests
@@ -89,13 +89,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from sandbox import bench
+    from rosa2.sandbox import bench
 
     return bench.main(args, from_args(SandboxConfig, args))
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
-    from sandbox import leftover_containers
+    from rosa2.sandbox import leftover_containers
 
     found = leftover_containers(all_owners=args.all)
     for container in found:
@@ -127,7 +127,7 @@ def register(parser: argparse.ArgumentParser) -> None:
                      help="judge each solution by the next task's tests instead of its own: all must fail")
     chk.set_defaults(func=cmd_check)
 
-    from sandbox import bench as bench_module
+    from rosa2.sandbox import bench as bench_module
 
     ben = sub.add_parser("bench", help="per-evaluation cost of the sandbox against a bare host process (JSON)")
     bench_module.add_arguments(ben)

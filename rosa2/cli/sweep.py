@@ -10,7 +10,7 @@ from rosa2.cli.run import add_tracking_arguments, check_inputs, prepare_platform
 
 
 def cmd(args: argparse.Namespace) -> int:
-    from flows import sweep as sweep_module
+    from rosa2.flows import sweep as sweep_module
 
     spec = sweep_module.load(args.file)  # bad fields fail here, before any server or model
     tracking = spec.tracking(from_args(TrackingConfig, args))

@@ -39,7 +39,7 @@ def cmd(args: argparse.Namespace) -> int:
             print(f"  warning: {row.name} was already answering at {row.url}; it may not be the PostgreSQL-backed "
                   "one: `rosa2 stack down` first, or choose other URLs")
     os.environ["PREFECT_API_URL"] = tracking.prefect_api_url
-    from flows.scaleout import ensure_pool
+    from rosa2.flows.scaleout import ensure_pool
 
     ensure_pool(args.pool)
     print(f"work pool {args.pool!r} ready. Start one worker per GPU, e.g.:\n"

@@ -23,7 +23,7 @@ from rosa2.errors import Rosa2Error
 from rosa2.records import Problem, RewardResult
 
 if TYPE_CHECKING:
-    from sandbox import Sandbox
+    from rosa2.sandbox import Sandbox
 
 # A fenced block; a missing closing fence (a truncated reply) runs to the end.
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:\n[ \t]*```|\Z)", re.S)
@@ -100,7 +100,7 @@ class CodeReward:
         return assemble(self.stub, code, self.problem.entry_point)
 
     def score(self, response: str) -> RewardResult:
-        from sandbox import shared
+        from rosa2.sandbox import shared
 
         program, form = self.program(response)
         # The stub is the problem's text: the judge defines its helpers itself (see Sandbox.run).
