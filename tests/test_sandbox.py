@@ -290,6 +290,20 @@ def test_passed_failed_error_and_syntax_error_through_the_code_reward(pool):
 
 
 @pytest.mark.docker
+def test_a_reward_given_no_pool_runs_on_the_installed_docker_runner(sandbox_image):
+    # the session's path: reward_for -> CodeReward -> default_runner, the entry point that names
+    # rosa2.sandbox.shared (the core never imports the sandbox)
+    from rosa2.rewards import reward_for
+    from rosa2.sandbox import shared
+
+    cfg = SandboxConfig(image=sandbox_image, timeout_s=10, memory_mb=128, retries=1, pool_size=1)
+    reward = reward_for(PROBLEM, cfg)
+    assert reward.score("    return a + b\n").outcome == "passed"
+    assert reward.score("    return a - b\n").outcome == "failed"
+    assert shared(cfg)._live  # the warm pool the reward used is the process-wide one for cfg
+
+
+@pytest.mark.docker
 def test_timeout_and_oom_are_outcomes_and_the_next_evaluation_works(pool):
     start = time.monotonic()
     slow = pool.run("import time\ntime.sleep(30)\n", timeout_s=2)

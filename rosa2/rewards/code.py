@@ -5,6 +5,11 @@ failing test with what the candidate returned, or the traceback) is what ``rich`
 to the next turn. A sandbox (infrastructure) failure is retried by the sandbox and, if it
 persists, gives ``scored=False``: it is never counted as the model's failure.
 
+The core names no sandbox: what runs the program is a :class:`CodeRunner`, given as ``pool`` or,
+by default, the one installed under the entry point ``rosa2.code_runners:docker`` (pyproject),
+which is the platform's Docker sandbox (``rosa2.sandbox.shared``). The sandbox imports this module
+(its ``check`` and ``bench`` score through the reward); this module never imports the sandbox.
+
 The program is assembled as HumanEval expects: the stub (imports, helpers, signature and
 docstring, ``metadata["stub"]``) followed by the model's code, which is either a whole program
 that (re)defines the entry point or the continuation of the stub's function body.
@@ -13,17 +18,15 @@ that (re)defines the entry point or the continuation of the stub's function body
 from __future__ import annotations
 
 import ast
+import functools
 import re
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from rosa2.config import SandboxConfig
 from rosa2.errors import Rosa2Error
 from rosa2.records import Problem, RewardResult
-
-if TYPE_CHECKING:
-    from rosa2.sandbox import Sandbox
 
 # A fenced block; a missing closing fence (a truncated reply) runs to the end.
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:\n[ \t]*```|\Z)", re.S)
@@ -77,14 +80,62 @@ def assemble(stub: str, code: str, entry_point: str | None) -> tuple[str, str]:
     return stub + "\n" + code, "full"
 
 
+class Evaluation(Protocol):
+    """What a runner reports for one program and its tests (``rosa2.sandbox.Evaluation`` is one)."""
+
+    outcome: str  # passed | failed | error | timeout | oom | syntax_error | sandbox_error (infrastructure)
+    error_text: str  # the first failing test with what the candidate returned, or the traceback
+    tests: list[dict[str, Any]]  # one per test: name, status ("passed", ...), error
+    output: str  # the program's stdout+stderr
+    output_truncated: bool
+    seconds: float
+    attempts: int  # runs it took (infrastructure failures are retried)
+    recycled: bool  # the isolation unit (container) was replaced after this run
+
+    @property
+    def passed(self) -> bool: ...
+
+
+class CodeRunner(Protocol):
+    """Runs a program, then its tests, isolated from the host; thread-safe (``score_many`` calls
+    it from ``cfg.pool_size`` threads). ``trusted``: source the judge defines itself (the stub)."""
+
+    cfg: SandboxConfig
+
+    def run(self, program: str, tests: str | None = None, entry_point: str | None = None, *, trusted: str | None = None) -> Evaluation: ...
+
+
+RUNNERS = "rosa2.code_runners"  # entry-point group: name -> factory(SandboxConfig) -> CodeRunner
+DEFAULT_RUNNER = "docker"
+
+
+@functools.cache
+def _runner_factory(name: str = DEFAULT_RUNNER) -> Callable[[SandboxConfig], CodeRunner]:
+    from importlib.metadata import entry_points
+
+    found = list(entry_points(group=RUNNERS, name=name))
+    if not found:
+        raise Rosa2Error(f"no code runner {name!r} is installed (entry point group {RUNNERS!r}): reinstall rosa2 "
+                         "(`pip install -e .`, as infra/setup.sh does), or give CodeReward a runner (pool=)")
+    return found[0].load()
+
+
+def default_runner(cfg: SandboxConfig) -> CodeRunner:
+    """The runner a code reward uses when given none: the installed ``docker`` runner's factory
+    applied to ``cfg`` (rosa2's own is ``rosa2.sandbox.shared``, one warm pool per configuration
+    per process, so many problems and parallel sessions share its containers)."""
+    return _runner_factory()(cfg)
+
+
 class CodeReward:
     """``score(response) -> RewardResult`` for one code problem (HumanEval, BigCodeBench).
 
-    Containers come from ``pool`` when given, else from the process-wide warm pool for
-    ``sandbox_cfg`` (``sandbox.shared``), so many problems and parallel sessions share it.
+    The program runs on ``pool`` (any :class:`CodeRunner`) when given, else on
+    ``default_runner(sandbox_cfg)``, looked up at the first ``score``: building a reward starts
+    nothing.
     """
 
-    def __init__(self, problem: Problem, sandbox_cfg: SandboxConfig | None = None, *, pool: "Sandbox | None" = None) -> None:
+    def __init__(self, problem: Problem, sandbox_cfg: SandboxConfig | None = None, *, pool: CodeRunner | None = None) -> None:
         if problem.domain != "code":
             raise Rosa2Error(f"CodeReward got problem {problem.id!r} with domain={problem.domain!r}; expected 'code'")
         if not (problem.tests or "").strip():
@@ -100,11 +151,9 @@ class CodeReward:
         return assemble(self.stub, code, self.problem.entry_point)
 
     def score(self, response: str) -> RewardResult:
-        from rosa2.sandbox import shared
-
         program, form = self.program(response)
         # The stub is the problem's text: the judge defines its helpers itself (see Sandbox.run).
-        evaluation = (self.pool or shared(self.cfg)).run(program, self.problem.tests, self.problem.entry_point, trusted=self.stub or None)
+        evaluation = (self.pool or default_runner(self.cfg)).run(program, self.problem.tests, self.problem.entry_point, trusted=self.stub or None)
         tests = evaluation.tests
         output = evaluation.output
         return RewardResult(
