@@ -64,7 +64,7 @@ def flow_run_id() -> str | None:
 
 def cell_run_name(cell: Cell) -> str:
     """The cell's flow-run name in the Prefect UI: method · model · dataset · seed."""
-    return f"{cell.method} · {display_name(cell.model.name)} · {Path(cell.data.dataset).name} · s{cell.seed}"
+    return cell.run_name()
 
 
 def cell_tags(cell: Cell, study: str) -> list[str]:

@@ -204,11 +204,10 @@ def ensure_retry_automation(deployment_id: Any, lost_after_s: int) -> None:
 
 def _run_name(parameters: dict[str, Any]) -> str | None:
     """The pool run's name in the Prefect UI (method · model · dataset · seed) when it runs a cell."""
-    from rosa2.flows.experiment import cell_run_name
     from rosa2.tasks.cells import Cell
 
     cell = parameters.get("cell")
-    return cell_run_name(cell) if isinstance(cell, Cell) else None
+    return cell.run_name() if isinstance(cell, Cell) else None
 
 
 def _run_on_pool(cells: list[dict[str, Any]], cfg: ScaleoutConfig) -> list[dict[str, Any]]:

@@ -78,6 +78,10 @@ class Cell:
     def name(self) -> str:
         return f"{self.method} · {display_name(self.model.name)} · {Path(self.data.dataset).name} · seed {self.seed}"
 
+    def run_name(self) -> str:
+        """The cell's flow-run name in the Prefect UI: method · model · dataset · seed."""
+        return f"{self.method} · {display_name(self.model.name)} · {Path(self.data.dataset).name} · s{self.seed}"
+
     def replace(self, **sections: Any) -> "Cell":
         """A copy with some sections replaced, e.g. ``cell.replace(session=SessionConfig(method="rosa"))``."""
         return dataclasses.replace(self, **sections)
