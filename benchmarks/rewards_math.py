@@ -1,4 +1,4 @@
-"""Math reward throughput: ``python -m rosa2.rewards.bench`` prints one JSON object.
+"""Math reward throughput: ``.venv/bin/python benchmarks/rewards_math.py`` prints one JSON object.
 
 Measures, on the problems of ``--dataset`` (MATH-500 from ../shared/data when present, else the
 embedded set), with responses that alternate a correct and a wrong boxed answer:
@@ -23,7 +23,7 @@ from rosa2.config import DataConfig
 from rosa2.data import load_problems
 from rosa2.rewards.math import MathReward, judge, parse_gold, verifier_pool, warm_up
 
-SHARED_MATH500 = Path(__file__).resolve().parents[3] / "shared" / "data" / "math500.jsonl"
+SHARED_MATH500 = Path(__file__).resolve().parents[2] / "shared" / "data" / "math500.jsonl"
 
 
 def responses_for(answer: str, n: int) -> list[str]:
