@@ -204,6 +204,17 @@ def per_turn_means(results: list[ProblemResult], max_turns: int) -> dict[str, li
     }
 
 
+# The headline scalars and per-turn curves of a summary (:func:`summarize`), the one list of them:
+# the report's tables and plots read them, rosa2.tasks.tracking logs them under their MLflow
+# names (``accuracy_pct``, ``by_turn/accuracy_pct``) and shows them as the runs table's columns.
+# A curve is a list over turns 1..K (None at a turn with nothing to average), never another shape.
+FINALS = (
+    "accuracy", "correction_uplift", "correction_share", "avg_turn", "avg_turn_with_failures", "avg_time_s",
+    "peak_memory_mb",
+)
+CURVES = ("accuracy_at_turn", "delta_theta_sq", "delta_x_sq")
+
+
 def summarize(results: list[ProblemResult], max_turns: int | None = None) -> dict[str, Any]:
     """Every metric of one experiment cell. ``max_turns`` (K) defaults to the results' T_max."""
     scored = [r for r in results if r.scored]

@@ -37,12 +37,6 @@ from typing import Any, Iterable
 from rosa2 import metrics
 
 METHOD_ORDER = ("baseline", "textgrad", "rosa", "rosa2", "switch-w2p", "switch-p2w")
-# names of per-turn curves in a summary (rosa2.metrics), and the scalar finals
-CURVES = ("accuracy_at_turn", "delta_theta_sq", "delta_x_sq")
-FINALS = (
-    "accuracy", "correction_uplift", "correction_share", "avg_turn", "avg_turn_with_failures", "avg_time_s",
-    "peak_memory_mb",
-)
 # params that make the grid (one column or row each) or say where things are tracked: never a variant
 GRID_PARAMS = ("model.name", "data.dataset", "session.method", "generation.seed")
 NOT_KNOBS = ("tracking.",)
@@ -73,17 +67,12 @@ class CellSummary:
 
 
 def curve(summary: dict[str, Any], name: str) -> list[float]:
-    """A per-turn curve (index 0 = turn 1) from a summary; empty when the summary has none."""
-    for key in (name, f"{name}_by_turn", f"mean_{name}"):
-        value = summary.get(key)
-        if isinstance(value, (list, tuple)):
-            return [float("nan") if v is None else float(v) for v in value]
-    per_turn = summary.get("per_turn")
-    if isinstance(per_turn, dict) and isinstance(per_turn.get(name), (list, tuple)):
-        return [float("nan") if v is None else float(v) for v in per_turn[name]]
-    if isinstance(per_turn, list) and per_turn and isinstance(per_turn[0], dict):
-        return [float(row.get(name, float("nan")) or 0.0) for row in per_turn]
-    return []
+    """A per-turn curve (index 0 = turn 1; one of :data:`rosa2.metrics.CURVES` or another per-turn
+    mean) from a summary, NaN at a turn without a value; empty when the summary has none."""
+    value = summary.get(name)
+    if not isinstance(value, (list, tuple)):
+        return []
+    return [float("nan") if v is None else float(v) for v in value]
 
 
 def _num(value: Any) -> float:

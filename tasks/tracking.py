@@ -39,6 +39,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from rosa2 import metrics
 from rosa2.config import TrackingConfig
 from rosa2.errors import Rosa2Error
 from rosa2.records import ProblemResult
@@ -59,9 +60,6 @@ BY_TURN = "by_turn/"  # per-turn curves, step = turn
 PCT = "_pct"  # a share logged as a percentage
 FRACTIONS = ("accuracy", "correction_uplift", "correction_share", "accuracy_at_turn")  # and every "*_rate"
 CURVE_NAMES = {"accuracy_at_turn": "accuracy"}  # by_turn/accuracy_pct, not by_turn/accuracy_at_turn_pct
-# the headline names in the runs table (every summary scalar and curve is logged; a curve has a point per turn it has a value at)
-FINAL_METRICS = ("accuracy_pct", "correction_uplift_pct", "avg_turn", "avg_time_s", "peak_memory_mb")
-STEP_METRICS = ("by_turn/accuracy_pct", "by_turn/delta_theta_sq", "by_turn/delta_x_sq")
 
 
 class TrackingError(Rosa2Error):
@@ -231,6 +229,12 @@ def mlflow_name(key: str, per_turn: bool = False) -> str:
     name = CURVE_NAMES.get(key, key) if per_turn else key
     name += PCT if _is_fraction(key) else ""
     return BY_TURN + name if per_turn else name
+
+
+# the headline names in the runs table: rosa2.metrics' finals and curves under their MLflow names
+# (every summary scalar and curve is logged; a curve has a point per turn it has a value at)
+FINAL_METRICS = tuple(mlflow_name(key) for key in metrics.FINALS)
+STEP_METRICS = tuple(mlflow_name(key, per_turn=True) for key in metrics.CURVES)
 
 
 def summary_key(name: str) -> tuple[str, float]:

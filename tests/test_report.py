@@ -147,6 +147,26 @@ def test_table3_and_warnings_say_what_each_arm_did():
     assert "**Warnings**" not in report.render(cells())  # arms that did their job: no warning section
 
 
+def test_one_list_of_finals_and_curves_is_what_summarize_gives_and_tracking_logs():
+    from rosa2 import metrics
+    from rosa2.tasks import tracking as tr
+
+    summary = cells()[1].summary
+    for key in metrics.FINALS:
+        assert summary[key] is None or isinstance(summary[key], (int, float)), key
+    for key in metrics.CURVES:
+        assert isinstance(summary[key], list) and len(summary[key]) == summary["max_turns"], key
+    assert tr.FINAL_METRICS == ("accuracy_pct", "correction_uplift_pct", "correction_share_pct", "avg_turn",
+                                "avg_turn_with_failures", "avg_time_s", "peak_memory_mb")
+    assert tr.STEP_METRICS == ("by_turn/accuracy_pct", "by_turn/delta_theta_sq", "by_turn/delta_x_sq")
+    # the report's tables show finals only
+    table_metrics = {"accuracy", "correction_uplift", "correction_share", "avg_turn", "avg_time_s", "peak_memory_mb"}
+    assert table_metrics <= set(metrics.FINALS)
+    # a curve is the summary's list under its own name; no other shape is read
+    assert report.curve({"accuracy_at_turn_by_turn": [1.0], "per_turn": {"accuracy_at_turn": [1.0]}}, "accuracy_at_turn") == []
+    assert report.curve({"delta_x_sq": [None, 2]}, "delta_x_sq")[1] == 2.0
+
+
 def test_curves_and_plots(tmp_path):
     summary = cells()[1].summary
     assert report.curve(summary, "accuracy_at_turn") == pytest.approx([0.25, 0.5, 0.75])
