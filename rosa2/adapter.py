@@ -16,8 +16,10 @@ R = π̃* − π (ROSA2 Eq. 11). ROSA's code is not available; this module is **
   on J = ∇_θ Σ_i log p_i (one row); it moves log π(y) by a predictable ≈ η/β nats.
 
 The S rows of J come from one batched backward (``is_grads_batched``), never S passes, and no
-P×P matrix is formed. θ is a PEFT LoRA adapter with PEFT's default init (A random, B = 0), so the
-adapted model equals the base model until the first step; the first step moves only B.
+P×P matrix is formed. θ lives in ``RowLoRA``: one LoRA slot per live session (a plain session is a
+batch of one), PEFT's default init (A random, B = 0), so the adapted model equals the base model
+until the first step and the first step moves only B; a slot saves and loads PEFT's layout.
+``parametric_steps`` updates B sessions' slots from one forward and one backward.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ from typing import Any, Iterator
 
 from rosa2.config import AdaptConfig, ConfigError, ModelConfig
 from rosa2.models import LoadedModel, ModelError
-from rosa2.policy import Policy
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -120,7 +121,7 @@ def response_objective(logp: Any, reward: float, cfg: AdaptConfig) -> tuple[Any,
     """(outputs, R) of one response from its token log-probabilities ``logp`` (differentiable):
     outputs[s] = Σ_{i∈s} p_i with R_s = Σ_{i∈s} (p̃_i − p_i), or for ``residual='logprob'`` the one
     row Σ_i log p_i with R = r/β. J's rows are the gradients of ``outputs`` (ROSA2 Eq. 11).
-    Shared by ``ParametricStream.step`` and the batched engine, so both take the same step."""
+    Used per session by ``parametric_steps``."""
     import torch
 
     if cfg.residual == "logprob":
@@ -131,15 +132,6 @@ def response_objective(logp: Any, reward: float, cfg: AdaptConfig) -> tuple[Any,
     outputs = torch.zeros(count, device=p.device).index_add(0, index, p)
     residual = torch.zeros(count, device=p.device).index_add(0, index, target_residual(p.detach(), reward, cfg.beta))
     return outputs, residual
-
-
-def jacobian_rows(outputs: Any, params: list[Any]) -> Any:
-    """J (S×P): row s = ∇_θ outputs[s], from ONE batched backward over the identity."""
-    import torch
-
-    eye = torch.eye(outputs.numel(), dtype=outputs.dtype, device=outputs.device)
-    grads = torch.autograd.grad(outputs, params, grad_outputs=eye, is_grads_batched=True)
-    return torch.cat([g.reshape(outputs.numel(), -1).float() for g in grads], dim=1)
 
 
 def damped_min_norm_step(jacobian: Any, residual: Any, eta: float, damping: float) -> tuple[Any, float]:
@@ -202,14 +194,9 @@ def fresh_lora_a(shapes: list[Any], seed: int) -> Iterator[Any]:
         yield fresh
 
 
-def _adapter_name(cfg: AdaptConfig) -> str:
-    """One PEFT adapter per LoRA structure, so engines that differ only in update knobs share it."""
-    return f"r{cfg.rank}-a{cfg.alpha:g}-" + "+".join(cfg.target_modules).replace(".", "_")
-
-
 def lora_config(cfg: AdaptConfig, base_model: str | None = None) -> Any:
-    """PEFT's LoraConfig for ``cfg``'s adapter structure (no dropout, no bias): the one definition
-    both engines attach and save."""
+    """PEFT's LoraConfig for ``cfg``'s adapter structure (no dropout, no bias): what a saved
+    adapter's ``adapter_config.json`` says, so ``PeftModel.from_pretrained`` rebuilds θ exactly."""
     from peft import LoraConfig
 
     return LoraConfig(
@@ -218,124 +205,319 @@ def lora_config(cfg: AdaptConfig, base_model: str | None = None) -> Any:
     )
 
 
-def attach_lora(policy: Policy, cfg: AdaptConfig) -> str:
-    """Put a LoRA adapter with ``cfg``'s structure on the policy's model and make it active.
-
-    The first call wraps ``policy.model`` in a PeftModel (so ``policy.model.disable_adapter()``
-    gives the base model, as the semantic stream's local critic needs); later calls add or
-    reuse named adapters on it. Returns the adapter name."""
-    from peft import PeftModel, get_peft_model
-
-    name = _adapter_name(cfg)
-    lora = lora_config(cfg)
-    if not isinstance(policy.model, PeftModel):
-        policy.model = get_peft_model(policy.model, lora, adapter_name=name).eval()
-    elif name not in policy.model.peft_config:
-        policy.model.add_adapter(name, lora)
-    policy.model.set_adapter(name)
-    return name
+def lora_structure(cfg: AdaptConfig) -> tuple[Any, ...]:
+    """What the adapter's shape depends on (rank, alpha, target modules); the update knobs are not."""
+    return (cfg.rank, cfg.alpha, tuple(cfg.target_modules))
 
 
-class ParametricStream:
-    """θ_t: a LoRA adapter, zero at the start of every problem, accumulated over its turns."""
+def _find_targets(model: Any, target_modules: tuple[str, ...] | list[str]) -> list[tuple[str, Any]]:
+    """The model's Linear modules LoRA wraps: PEFT's suffix matching on full module names."""
+    import torch
 
-    def __init__(self, policy: Policy, cfg: AdaptConfig) -> None:
-        self.policy = policy
+    found = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in target_modules)
+    ]
+    missing = sorted(t for t in target_modules if not any(n == t or n.endswith("." + t) for n, _ in found))
+    if missing:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(f"target_modules {missing} are not Linear modules of this model; expected some of {names}")
+    return found
+
+
+class RowLoRA:
+    """θ: LoRA adapters in ``slots`` independent slots θ_0..θ_{slots-1}, one per live session.
+
+    Every target Linear carries A:[slots, r, in] and B:[slots, out, r] (float32 whatever the
+    model's dtype, so accumulated steps are not rounded to bfloat16). Inside ``with
+    lora.rows(slot_ids)`` batch row i runs under slot ``slot_ids[i]``:
+    y = W x + (α/r)·B_{slot} A_{slot} x. Outside it every hook is a no-op: the frozen base model,
+    which is what the semantic stream's local critic reads, so the critic never needs a copy of
+    the model. The hooks leave the model's modules and weights untouched; ``remove()`` restores it
+    exactly. PEFT's convention holds per slot (A ~ kaiming-uniform(a=√5), B = 0: θ starts at zero
+    and the first update moves only B) and a slot saves and loads PEFT's file layout, so
+    ``PeftModel.from_pretrained`` and ``rosa2 adapters`` read what a session adapted.
+    """
+
+    def __init__(self, model: Any, cfg: AdaptConfig, slots: int) -> None:
+        import torch
+
+        if slots < 1:
+            raise ConfigError(f"slots={slots!r} must be >= 1")
         self.cfg = cfg
-        self.adapter_name = attach_lora(policy, cfg)
-        # (A, B) weight pairs of this adapter, in module order: the coordinates of θ
-        self.pairs = [
-            (m.lora_A[self.adapter_name].weight, m.lora_B[self.adapter_name].weight)
-            for m in policy.model.modules()
-            if hasattr(m, "lora_A") and self.adapter_name in m.lora_A
-        ]
-        self.params = [w for pair in self.pairs for w in pair]
+        self.slots = slots
+        self.scale = cfg.alpha / cfg.rank
+        self.targets = _find_targets(model, cfg.target_modules)
+        device = self.targets[0][1].weight.device
+        self.A = [torch.zeros(slots, cfg.rank, m.in_features, device=device) for _, m in self.targets]
+        self.B = [torch.zeros(slots, m.out_features, cfg.rank, device=device) for _, m in self.targets]
+        self._rows: Any = None
+        self._active: tuple[int, ...] | None = None
+        self._handles = [linear.register_forward_hook(self._hook(i)) for i, (_, linear) in enumerate(self.targets)]
 
-    def activate(self) -> None:
-        """Make this stream's adapter the one the policy runs with (engines may share a model)."""
-        self.policy.model.set_adapter(self.adapter_name)
-        for w in self.params:
-            w.requires_grad_(True)
-
-    def reset(self, seed: int) -> None:
-        """θ ← 0: B = 0 and A re-drawn with PEFT's init (Kaiming-uniform, a=√5) from ``seed``.
-
-        Re-initialising in place keeps one PeftModel for every problem; the seed makes a
-        problem's adapter independent of which problems ran before it."""
+    # -- the forward -------------------------------------------------------------------------
+    def _hook(self, index: int) -> Any:
         import torch
 
-        with torch.no_grad():
-            for (a, b), fresh in zip(self.pairs, fresh_lora_a([a.shape for a, _ in self.pairs], seed)):
-                a.copy_(fresh)
-                b.zero_()
+        def hook(module: Any, inputs: tuple[Any, ...], output: Any) -> Any:
+            rows = self._rows
+            if rows is None:
+                return output
+            x = inputs[0]
+            if x.shape[0] != rows.shape[0]:
+                raise RuntimeError(f"RowLoRA: batch has {x.shape[0]} rows but {rows.shape[0]} slot ids are set")
+            a = self.A[index][rows]  # [b, r, in]
+            b = self.B[index][rows]  # [b, out, r]
+            flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)
+            delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2))
+            return output + (self.scale * delta).reshape(output.shape).to(output.dtype)
 
-    def is_zero(self) -> bool:
-        """True when the adapter adds nothing to the base weights (every B·A = 0)."""
-        return all(bool((b @ a).eq(0).all()) for a, b in self.pairs)
+        return hook
 
-    def step(self, prompt_ids: Any, response_ids: Any, reward: float) -> ParametricStep:
-        """One closed-form step of θ toward the target policy on y = ``response_ids`` given the
-        context ``prompt_ids`` (ROSA2 Eq. 11, reconstructed; see the module docstring)."""
+    @contextmanager
+    def rows(self, slot_ids: Any) -> Iterator[None]:
+        """Apply slot ``slot_ids[i]`` to batch row i inside the block."""
         import torch
 
-        start = time.perf_counter()
-        cfg = self.cfg
-        tokens = int(response_ids.numel())
-        if tokens == 0:  # an empty answer has no likelihood to move
-            return ParametricStep(0.0, 0, [], 0.0, time.perf_counter() - start)
-        self.activate()
-        ids = torch.cat([prompt_ids, response_ids]).to(self.policy.device)[None]
-        with torch.enable_grad(), update_memory(self.policy.model, cfg):
-            # logits of the positions that predict the response tokens only; no KV cache to keep
-            logits = self.policy.model(input_ids=ids, logits_to_keep=tokens + 1, use_cache=False).logits[0, :-1].float()
-            logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[0, -tokens:, None].long())[:, 0]
-            outputs, residual = response_objective(logp, reward, cfg)
-            jacobian = jacobian_rows(outputs, self.params)
-        delta, scale = damped_min_norm_step(jacobian, residual, cfg.eta, cfg.damping)
-        with torch.no_grad():
-            offset = 0
-            for w in self.params:
-                w.add_(delta[offset : offset + w.numel()].view_as(w).to(w.dtype))
-                offset += w.numel()
-        return ParametricStep(
-            delta_theta_sq=float(delta.double().pow(2).sum()),
-            segments=int(outputs.numel()),
-            residual=[float(x) for x in residual.detach().cpu()],
-            gram_mean_diag=scale,
-            seconds=time.perf_counter() - start,
-        )
+        slot_ids = tuple(int(s) for s in slot_ids)
+        bad = [s for s in slot_ids if not 0 <= s < self.slots]
+        if bad:
+            raise ValueError(f"slot ids {bad} outside 0..{self.slots - 1}")
+        previous = self._rows, self._active
+        self._rows, self._active = torch.tensor(slot_ids, dtype=torch.long, device=self.A[0].device), slot_ids
+        try:
+            yield
+        finally:
+            self._rows, self._active = previous
 
-    # -- persistence: the adapter only, in PEFT's layout (PeftModel.from_pretrained reads it) --
+    def state(self) -> tuple[Any, ...]:
+        """What a KV cache computed now depends on besides its tokens: the active slots and the
+        in-place version counter of every adapter tensor (bumped by each step, reset and load)."""
+        return (id(self), self._active, tuple(t._version for t in self.tensors()))
 
-    def save(self, path: str | Path) -> Path:
-        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for the current θ, and
-        ``rosa2.json`` (``write_adapter_config``)."""
-        from peft.utils import get_peft_model_state_dict
+    # -- the parameters θ_slot --------------------------------------------------------------
+    def reset(self, slot: int, seed: int) -> None:
+        """θ_slot ← 0 for a new problem: A re-drawn from ``seed`` (PEFT's init), B zeroed. The seed
+        makes a problem's adapter independent of which problems ran before it or beside it."""
+        for a, b, fresh in zip(self.A, self.B, fresh_lora_a([a.shape[1:] for a in self.A], seed)):
+            a[slot].copy_(fresh)
+            b[slot].zero_()
+
+    def is_zero(self, slot: int) -> bool:
+        """True when slot ``slot`` adds nothing to the base weights (every B·A = 0)."""
+        return all(bool((b[slot] @ a[slot]).eq(0).all()) for a, b in zip(self.A, self.B))
+
+    def tensors(self) -> list[Any]:
+        """The slot-stacked parameter tensors, in a fixed order: A_0, B_0, A_1, B_1, ..."""
+        return [t for pair in zip(self.A, self.B) for t in pair]
+
+    def slot_numel(self) -> int:
+        return sum(t[0].numel() for t in self.tensors())
+
+    def flat(self, slot: int, tensors: Any = None) -> Any:
+        """θ_slot (or a gradient laid out like ``tensors()``) as one flat vector."""
+        import torch
+
+        return torch.cat([t[slot].reshape(-1) for t in (tensors if tensors is not None else self.tensors())])
+
+    def add_(self, slot: int, delta: Any) -> None:
+        """θ_slot ← θ_slot + Δθ, with Δθ flat in ``tensors()`` order."""
+        offset = 0
+        for t in self.tensors():
+            n = t[slot].numel()
+            t[slot].add_(delta[offset : offset + n].view_as(t[slot]).to(t.dtype))
+            offset += n
+
+    def nbytes(self) -> int:
+        """Memory held by all slots' adapters (the bounded part of the adaptation's memory)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    # -- persistence: one slot in PEFT's layout ------------------------------------------------
+    def _key(self, name: str, matrix: str) -> str:
+        # PeftModel wraps the model as base_model.model; the adapter name is dropped on save
+        return f"base_model.model.{name}.lora_{matrix}.weight"
+
+    def save(self, slot: int, path: str | Path, base_model: str | None = None) -> Path:
+        """Write θ_slot as ``adapter_config.json`` + ``adapter_model.safetensors`` (the keys
+        ``get_peft_model_state_dict`` writes) and ``rosa2.json``; ``base_model`` is the model's source."""
         from safetensors.torch import save_file
 
+        if not 0 <= slot < self.slots:
+            raise ValueError(f"slot {slot} outside 0..{self.slots - 1}")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        state = get_peft_model_state_dict(self.policy.model, adapter_name=self.adapter_name)
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path / ADAPTER_WEIGHTS))
-        write_adapter_config(path, self.policy.model.peft_config[self.adapter_name], self.policy.source)
+        state = {}
+        for (name, _), a, b in zip(self.targets, self.A, self.B):
+            state[self._key(name, "A")] = a[slot].detach().to("cpu", copy=True)
+            state[self._key(name, "B")] = b[slot].detach().to("cpu", copy=True)
+        save_file(state, str(path / ADAPTER_WEIGHTS))
+        write_adapter_config(path, lora_config(self.cfg), base_model)
         return path
 
-    def load(self, path: str | Path) -> None:
-        """Set θ from a directory written by ``save`` (same rank, alpha and target modules)."""
+    def load(self, slot: int, path: str | Path) -> None:
+        """Set θ_slot from an adapter directory in PEFT's layout with this structure (rank, alpha,
+        target modules), e.g. one ``save`` wrote."""
         from peft import LoraConfig
-        from peft.utils import load_peft_weights, set_peft_model_state_dict
+        from safetensors.torch import load_file
 
-        path = Path(path)
-        if not (path / ADAPTER_WEIGHTS).is_file():
-            raise ConfigError(f"adapter directory {path} has no {ADAPTER_WEIGHTS}; expected one written by save_adapter")
+        path = check_adapter_dir(path)
         saved = LoraConfig.from_pretrained(str(path))
         mine = {"rank": self.cfg.rank, "alpha": self.cfg.alpha, "targets": sorted(self.cfg.target_modules)}
         theirs = {"rank": saved.r, "alpha": saved.lora_alpha, "targets": sorted(saved.target_modules)}
         if mine != theirs:
             raise ConfigError(f"adapter at {path} has LoRA structure {theirs}; this engine expects {mine}")
-        weights = load_peft_weights(str(path), device=str(self.policy.device))
-        set_peft_model_state_dict(self.policy.model, weights, adapter_name=self.adapter_name)
+        weights = load_file(str(path / ADAPTER_WEIGHTS))
+        missing = [self._key(n, m) for n, _ in self.targets for m in "AB" if self._key(n, m) not in weights]
+        if missing:
+            raise ConfigError(f"adapter at {path} lacks {len(missing)} tensors this model needs, e.g. {missing[0]}")
+        for (name, _), a, b in zip(self.targets, self.A, self.B):
+            a[slot].copy_(weights[self._key(name, "A")])
+            b[slot].copy_(weights[self._key(name, "B")])
 
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+# ---------------------------------------------------------------------------------------------
+# The update for B sessions: one forward, one (vmapped) backward, B closed-form steps
+
+
+@dataclass
+class UpdateItem:
+    """One session's parametric update: y_t = ``response_ids`` in context ``prompt_ids``, reward r_t."""
+
+    slot: int
+    prompt_ids: Any
+    response_ids: Any
+    reward: float
+
+
+def parametric_steps(
+    model: Any,
+    lora: RowLoRA,
+    cfg: AdaptConfig,
+    items: list[UpdateItem],
+    *,
+    max_tokens: int = 1024,
+    segment_chunk: int = 16,
+) -> list[ParametricStep]:
+    """θ_b ← θ_b + Δθ_b for every item, each toward its own target policy (ROSA2 Eq. 11 as this
+    module reconstructs it), from one forward and one backward per micro-batch of sessions.
+
+    Why one backward suffices: the objective Σ_b Σ_{i∈s} p_{b,i} (or log p for ``residual=logprob``)
+    touches slot b's A, B only through row b, so its gradient restricted to slot b is row s of
+    session b's J. With S > 1 segments the S rows come from one vmapped backward over the basis
+    vectors e_s (``is_grads_batched``), ``segment_chunk`` of them at a time to bound memory; no
+    P×P matrix is formed. Memory: sessions go through the backward in micro-batches of at most
+    ``max_tokens`` context + response tokens (one session at least), and ``cfg.checkpoint_activations``
+    keeps only each block's input (``update_memory``), so the update's activation memory is bounded
+    by the token budget, not by B or by how long the sessions have run. A batch of one is a plain
+    session's update."""
+    import torch
+
+    from rosa2.policy import left_pad
+
+    steps: list[Any] = [None] * len(items)
+    todo = []
+    for k, item in enumerate(items):
+        if int(item.response_ids.numel()) == 0:  # an empty answer has no likelihood to move
+            steps[k] = ParametricStep(0.0, 0, [], 0.0, 0.0)
+        else:
+            todo.append(k)
+    params = lora.tensors()
+    for chunk in token_batches(todo, [int(items[k].prompt_ids.numel() + items[k].response_ids.numel()) for k in todo], max_tokens):
+        start = time.perf_counter()
+        group = [items[k] for k in chunk]
+        slots = [item.slot for item in group]
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"two updates for one slot in one batch: {slots}")
+        lengths = [int(item.response_ids.numel()) for item in group]
+        width = max(lengths)
+        ids, mask, positions = left_pad([torch.cat([item.prompt_ids, item.response_ids]) for item in group], 0)
+        for p in params:
+            p.requires_grad_(True)
+        try:
+            with torch.enable_grad(), _frozen(model), lora.rows(slots), update_memory(model, cfg):
+                # logits of the positions that predict the response tokens only; pad columns are masked
+                logits = model(
+                    input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=width + 1, use_cache=False
+                ).logits[:, :-1].float()
+                logp_all = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, -width:, None])[..., 0]
+                objectives = [response_objective(logp_all[b, width - n :], item.reward, cfg) for b, (item, n) in enumerate(zip(group, lengths))]
+                count = max(int(out.numel()) for out, _ in objectives)
+                outputs = torch.stack(
+                    [torch.nn.functional.pad(out, (0, count - int(out.numel()))) for out, _ in objectives]
+                )  # [b, S]: zero rows pad sessions with fewer segments and get no gradient
+                rows = segment_grads(outputs, params, segment_chunk)  # per param: [S, slots, ...]
+        finally:
+            for p in params:
+                p.requires_grad_(False)
+        seconds = (time.perf_counter() - start) / len(group)
+        for k, item, (out, residual) in zip(chunk, group, objectives):
+            segments = int(out.numel())
+            jacobian = torch.cat([g[:segments, item.slot].reshape(segments, -1).float() for g in rows], dim=1)
+            solve_start = time.perf_counter()
+            delta, scale = damped_min_norm_step(jacobian, residual.detach(), cfg.eta, cfg.damping)
+            with torch.no_grad():
+                lora.add_(item.slot, delta)
+            steps[k] = ParametricStep(
+                delta_theta_sq=float(delta.double().pow(2).sum()),
+                segments=segments,
+                residual=[float(x) for x in residual.detach().cpu()],
+                gram_mean_diag=scale,
+                seconds=seconds + time.perf_counter() - solve_start,
+            )
+    return steps
+
+
+def token_batches(keys: list[int], tokens: list[int], max_tokens: int) -> list[list[int]]:
+    """Consecutive groups of ``keys`` whose padded size (rows × longest row) stays within
+    ``max_tokens``; a row longer than the budget goes alone."""
+    groups: list[list[int]] = []
+    longest = 0
+    for key, n in zip(keys, tokens):
+        if groups and (len(groups[-1]) + 1) * max(longest, n) <= max_tokens:
+            groups[-1].append(key)
+            longest = max(longest, n)
+        else:
+            groups.append([key])
+            longest = n
+    return groups
+
+
+@contextmanager
+def _frozen(model: Any) -> Iterator[None]:
+    """Base weights without requires_grad inside the block, so autograd keeps no Linear inputs
+    for base-weight gradients nobody asks for (the update's activation memory); the flags are
+    restored on exit."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def segment_grads(outputs: Any, params: list[Any], chunk: int = 16) -> list[Any]:
+    """∇ Σ_b outputs[b, s] for every segment s, as [S, *param.shape] per parameter tensor: the
+    rows of J from one batched backward over the basis vectors (``chunk`` at a time), never S passes."""
+    import torch
+
+    count = outputs.shape[1]
+    if count == 1:
+        return [g[None] for g in torch.autograd.grad(outputs.sum(), params)]
+    parts: list[list[Any]] = []
+    for lo in range(0, count, chunk):
+        hi = min(lo + chunk, count)
+        basis = torch.zeros(hi - lo, *outputs.shape, dtype=outputs.dtype, device=outputs.device)
+        basis[torch.arange(hi - lo), :, torch.arange(lo, hi)] = 1.0
+        parts.append(list(torch.autograd.grad(outputs, params, grad_outputs=basis, is_grads_batched=True, retain_graph=hi < count)))
+    return [torch.cat(group) for group in zip(*parts)]
 
 # ---------------------------------------------------------------------------------------------
 # Adapters anyone can load: the config PEFT reads, rosa2.json beside it, and loading one back

@@ -3,9 +3,9 @@
 Every arm runs the same problems with the same seeds under greedy decoding, each in a fresh
 process (so one arm's peak memory is not another's), one arm after the other on the same device:
 
-- ``sequential``: ``SessionEngine`` (one problem at a time, PEFT adapter), method ``rosa2``;
-- ``batched``: ``BatchedSessionEngine`` (B sessions at once, per-row adapters), method ``rosa2``;
-- ``baseline``: ``BatchedSessionEngine``, method ``baseline`` (no stream): the paper's Table 4
+- ``sequential``: ``SessionEngine`` at ``batch_size`` 1 (one problem at a time), method ``rosa2``;
+- ``batched``: the same engine at ``batch_size`` B (B sessions at once, one adapter slot each), method ``rosa2``;
+- ``baseline``: the engine at B, method ``baseline`` (no stream): the paper's Table 4
   reference for time per problem and peak memory.
 
 Ratios (the issue's names): ``batched_vs_sequential`` = sessions/hour batched over sequential;
@@ -19,8 +19,9 @@ every turn of the arm (the engines reset it per turn; the arm takes the largest)
 a decode step must read every weight once (``weight_bytes`` over the bandwidth measured by one
 large read) and do ~2 FLOPs per weight per row (over the matmul rate measured at the shape holding
 most of the model's weights and at that batch size, on one cached matrix); the ceiling at batch B is B tokens per the larger of the two
-times. ``generation_fraction_of_ceiling_b1`` / ``_bB`` put the engines' own generation path
-(``generate_batch``, no adapter, greedy, every row forced to the same length) against it.
+times. ``generation_fraction_of_ceiling_b1`` / ``_bB`` put the engine's generation (``model.generate``
+on a left-padded batch as ``Policy.generate_many`` runs it, no adapter slot, greedy, every row
+forced to the same length) against it.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class BenchConfig:
     dtype: str = _help("'auto' (bfloat16 on CUDA, float32 on CPU), 'float32', 'bfloat16', 'float16'", default="auto")
     dataset: str = _help("Problems: a dataset name or file (see `rosa2 datasets`)", default="embedded-math")
     problems: int = _help("Problems per arm (the same ones in every arm)", default=8)
-    batch_size: int = _help("Sessions advanced together by the batched engine (B)", default=8)
+    batch_size: int = _help("Sessions advanced together in the batched arms (B)", default=8)
     max_turns: int = _help("T_max per problem", default=3)
     max_new_tokens: int = _help("Tokens per answer at most", default=64)
     semantic_max_new_tokens: int = _help("Tokens per critic call at most (semantic stream)", default=128)
@@ -140,8 +141,7 @@ def run_ceiling(cfg: BenchConfig, new_tokens: int = 32) -> dict[str, Any]:
     it at B = 1 and B = ``batch_size`` (see the module docstring)."""
     import torch
 
-    from rosa2.batched import left_pad
-    from rosa2.policy import Policy
+    from rosa2.policy import Policy, left_pad
 
     loaded = _load(cfg)
     model, tokenizer, device = loaded.model, loaded.tokenizer, loaded.device
@@ -196,28 +196,20 @@ def run_arm(arm: str, cfg: BenchConfig, problems: list[Any]) -> ArmResult:
     if arm == "ceiling":
         return ArmResult(arm=arm, wall_s=0.0, cpu_s=0.0, peak_memory_bytes=0, adapter_bytes=0, results=[], extra=run_ceiling(cfg))
 
-    from rosa2.batched import BatchedSessionEngine
     from rosa2.environment import environment_for
     from rosa2.session import SessionEngine, peak_memory_bytes, reset_peak_memory
 
     configs = cfg.engine_configs("baseline" if arm == "baseline" else "rosa2")
-    loaded = _load(cfg)
-    if arm == "sequential":
-        engine: Any = SessionEngine(loaded, configs["session"], configs["adapt"], configs["semantic"], configs["generation"])
-    else:
-        engine = BatchedSessionEngine(
-            loaded, configs["session"], configs["adapt"], configs["semantic"], configs["generation"],
-            batch_size=cfg.batch_size, update_tokens=cfg.update_tokens,
-        )
+    engine = SessionEngine(
+        _load(cfg), configs["session"], configs["adapt"], configs["semantic"], configs["generation"],
+        batch_size=1 if arm == "sequential" else cfg.batch_size, update_tokens=cfg.update_tokens,
+    )
     environments = [environment_for(p, cfg.feedback) for p in problems]
     engine.policy.generate([{"role": "user", "content": "Hi"}], max_new_tokens=2)  # one-time kernels/allocations
     device = engine.policy.device
     reset_peak_memory(device)
     start, cpu_start = time.perf_counter(), time.process_time()
-    if arm == "sequential":
-        results = [engine.run(p, env) for p, env in zip(problems, environments)]
-    else:
-        results = engine.run_many(problems, environments)
+    results = engine.run_many(problems, environments)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
@@ -228,7 +220,7 @@ def run_arm(arm: str, cfg: BenchConfig, problems: list[Any]) -> ArmResult:
         # the engines reset the peak at every turn (per-turn records), so the arm's peak is the
         # largest of the turns' peaks, not what the process peaked at since the last turn began
         peak_memory_bytes=max([peak_memory_bytes(device), *(r.peak_memory_bytes for r in results)]),
-        adapter_bytes=engine.adapter_bytes() if arm != "sequential" else _peft_bytes(engine),
+        adapter_bytes=engine.adapter_bytes(),
         results=[r.to_dict() for r in results],
     )
     if arm == "baseline":  # θ never changes here, so this is where a KV cache across turns could pay
@@ -236,17 +228,12 @@ def run_arm(arm: str, cfg: BenchConfig, problems: list[Any]) -> ArmResult:
     return out
 
 
-def _peft_bytes(engine: Any) -> int:
-    stream = engine.parametric(create=False)
-    return sum(p.numel() * p.element_size() for p in stream.params) if stream is not None else 0
-
-
 def _prefill_probe(engine: Any, results: list[Any], batch_size: int) -> tuple[float, float]:
     """Seconds of one no-grad forward over the prompts of each problem's last turn (what reusing
     the earlier turns' KV cache could at most save) against those turns' generation seconds."""
     import torch
 
-    from rosa2.batched import left_pad
+    from rosa2.policy import left_pad
 
     prompts, generate = [], 0.0
     for result in results:

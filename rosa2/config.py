@@ -224,8 +224,8 @@ class SessionConfig:
     max_turns: int = _help("T_max: turns per problem at most", default=5)
     feedback: str = _help("Simulated user: 'none' (empty), 'sparse' (fixed retry message), 'rich' (error text)", default="sparse")
     parallel_sessions: int = _help(
-        "Sessions of a cell advanced together: 1 = one at a time (SessionEngine); N > 1 = the batched "
-        "engine with N adapter slots (same results under greedy decoding)",
+        "Sessions of a cell advanced together, each in its own adapter slot: 1 = one at a time; N > 1 = "
+        "N per round (the same results under greedy decoding, generation reads the weights once for N tokens)",
         default=1,
     )
 

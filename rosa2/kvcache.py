@@ -9,7 +9,7 @@ same weights, so the attention over it is the same arithmetic):
 - ``TurnCache``: a session's prompt at turn t+1 is its prompt at turn t, the answer y_t and the
   next user message. While the policy's weights are unchanged (baseline, textgrad, the words-only
   turns of a Switch run) the KV of turn t serves turn t+1; a parametric step, reset or load
-  changes a LoRA tensor's version counter and the cache is dropped.
+  changes an adapter tensor's version counter and the cache is dropped.
 
 Caches must be croppable (transformers' ``DynamicLayer``); models with sliding-window or linear
 attention layers simply get no reuse.
@@ -133,10 +133,10 @@ class TurnCache:
         self._key: tuple[Any, ...] | None = None
         self.reused_tokens = 0  # prompt tokens served from a previous turn, summed over generations
 
-    def take(self, model: Any, ids: list[int]) -> tuple[int, Any]:
+    def take(self, model: Any, ids: list[int], adapter: Any = None) -> tuple[int, Any]:
         cache, stored, key = self._cache, self._ids, self._key
         self.clear()
-        if cache is None or key != weights_key(model) or not croppable(cache):
+        if cache is None or key != weights_key(model, adapter) or not croppable(cache):
             return 0, None
         n = min(common_prefix([stored, ids]), len(ids) - 1, cache.get_seq_length())
         if n < self.min_tokens:
@@ -146,8 +146,8 @@ class TurnCache:
         self.reused_tokens += n
         return n, cache
 
-    def keep(self, model: Any, ids: list[int], cache: Any) -> None:
-        self._ids, self._cache, self._key = ids, cache, weights_key(model)
+    def keep(self, model: Any, ids: list[int], cache: Any, adapter: Any = None) -> None:
+        self._ids, self._cache, self._key = ids, cache, weights_key(model, adapter)
 
     def clear(self) -> None:
         self._ids, self._cache, self._key = [], None, None

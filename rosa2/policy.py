@@ -1,17 +1,20 @@
 """The policy π: a causal LM + tokenizer, the chat template, and one generation config.
 
 Every stream talks to the model through this class: the session loop generates with it, the
-parametric stream scores responses with ``encode`` and the semantic stream's local engine reuses
-the same weights with the adapter switched off.
+parametric stream scores its responses on the same model and the semantic stream's local engine
+reuses the same weights with no adapter slot active (the base model).
 
-``generate`` keeps the KV cache it ends with (``rosa2.kvcache.TurnCache``): the next prompt of the
-same conversation starts with that prompt and answer, so while the weights are unchanged only the
-new user message is prefilled. A parametric step changes the weights and the cache is dropped.
+``generate`` (one conversation) keeps the KV cache it ends with (``rosa2.kvcache.TurnCache``): the
+next prompt of the same conversation starts with that prompt and answer, so while the weights are
+unchanged only the new user message is prefilled; a parametric step changes the weights and the
+cache is dropped. ``generate_many`` answers B conversations in one left-padded batch, row b under
+its session's adapter slot.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,14 +57,37 @@ class Reply:
     text: str
     prompt_ids: Any  # 1-D LongTensor: the templated history
     response_ids: Any  # 1-D LongTensor: the generated tokens (eos stripped)
-    seconds: float
+    seconds: float  # wall time of the generation; in a batch, this row's share of it
 
     @property
     def tokens(self) -> int:
         return int(self.response_ids.numel())
 
 
+def left_pad(sequences: list[Any], pad_id: int) -> tuple[Any, Any, Any]:
+    """(input_ids, attention_mask, position_ids) for 1-D id tensors, left-padded to one length.
+
+    Left padding keeps every row's last prompt token at the same column, so decoding appends in
+    lockstep; positions count real tokens only, so a padded row sees what an unpadded one sees.
+    """
+    import torch
+
+    width = max(int(s.numel()) for s in sequences)
+    device = sequences[0].device
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long, device=device)
+    for i, seq in enumerate(sequences):
+        n = int(seq.numel())
+        ids[i, width - n :] = seq
+        mask[i, width - n :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, positions
+
+
 class Policy:
+    """π(· | H; θ_base + θ): generation under an adapter slot of ``rosa2.adapter.RowLoRA`` (``lora``,
+    ``slots``) or, without one, the base model."""
+
     def __init__(self, loaded: LoadedModel, generation: GenerationConfig | None = None) -> None:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -92,13 +118,11 @@ class Policy:
                 "tokens (or lower --max-new-tokens)"
             )
 
-    def generate(self, messages: list[Message], *, max_new_tokens: int | None = None, seed: int | None = None) -> Reply:
+    def _decoding(self, max_new_tokens: int | None, seed: int | None) -> dict[str, Any]:
+        """``generate`` keyword arguments of this generation config (the RNG seeded when sampling)."""
         import torch
 
         cfg = self.generation
-        prompt = self.prompt_ids(messages)
-        if max_new_tokens and max_new_tokens > cfg.max_new_tokens:
-            self.check_context(int(prompt.numel()), max_new_tokens)
         kwargs: dict[str, Any] = {
             "max_new_tokens": max_new_tokens or cfg.max_new_tokens,
             "do_sample": cfg.do_sample,
@@ -109,15 +133,53 @@ class Policy:
             torch.manual_seed(cfg.seed if seed is None else seed)
         else:  # silence the model's own sampling defaults under greedy decoding
             kwargs.update(temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+    def _reply(self, prompt: Any, generated: Any, seconds: float) -> Reply:
+        response = generated[: reply_length(generated.tolist(), stop_ids(self.tokenizer))]
+        text = self.tokenizer.decode(response, skip_special_tokens=True)
+        return Reply(text=text, prompt_ids=prompt, response_ids=response, seconds=seconds)
+
+    def generate(
+        self, messages: list[Message], *, max_new_tokens: int | None = None, seed: int | None = None,
+        lora: Any = None, slot: int = 0,
+    ) -> Reply:
+        """One reply to ``messages``, under adapter slot ``slot`` of ``lora`` (None: the base model).
+
+        The one-conversation path: the KV cache it ends with is kept (``turn_cache``) and serves the
+        next prompt of the same conversation while the weights are unchanged."""
+        import torch
+
+        prompt = self.prompt_ids(messages)
+        if max_new_tokens and max_new_tokens > self.generation.max_new_tokens:
+            self.check_context(int(prompt.numel()), max_new_tokens)
+        kwargs = self._decoding(max_new_tokens, seed)
         start = time.perf_counter()
-        with torch.no_grad():
-            _, cache = self.turn_cache.take(self.model, prompt.tolist())
+        with torch.no_grad(), lora.rows([slot]) if lora is not None else nullcontext():
+            weights = lora.state() if lora is not None else None
+            _, cache = self.turn_cache.take(self.model, prompt.tolist(), weights)
             out = self.model.generate(
                 input_ids=prompt[None], attention_mask=torch.ones_like(prompt)[None], cache=cache,
                 return_dict_in_generate=True, **kwargs,
             )
-        self.turn_cache.keep(self.model, out.sequences[0].tolist(), out.cache)
-        response = out.sequences[0, prompt.numel():]
-        response = response[: reply_length(response.tolist(), stop_ids(self.tokenizer))]
-        text = self.tokenizer.decode(response, skip_special_tokens=True)
-        return Reply(text=text, prompt_ids=prompt, response_ids=response, seconds=time.perf_counter() - start)
+        self.turn_cache.keep(self.model, out.sequences[0].tolist(), out.cache, weights)
+        return self._reply(prompt, out.sequences[0, prompt.numel():], time.perf_counter() - start)
+
+    def generate_many(
+        self, prompts: list[Any], *, lora: Any = None, slots: list[int] | None = None, seed: int | None = None,
+        max_new_tokens: int | None = None,
+    ) -> list[Reply]:
+        """Replies to B templated prompts (``prompt_ids``) at once, row i under slot ``slots[i]``.
+
+        Greedy decoding gives the tokens of B ``generate`` calls up to float rounding of the padded
+        batch (tests/test_session.py bounds it). Sampling draws from one RNG seeded with ``seed``
+        for the whole batch, so sampled text depends on the batch it ran in."""
+        import torch
+
+        ids, mask, _ = left_pad(prompts, self.tokenizer.pad_token_id)
+        kwargs = self._decoding(max_new_tokens, seed)
+        start = time.perf_counter()
+        with torch.no_grad(), lora.rows(slots) if lora is not None else nullcontext():
+            out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        share = (time.perf_counter() - start) / len(prompts)
+        return [self._reply(prompt, out[i, ids.shape[1] :], share) for i, prompt in enumerate(prompts)]

@@ -55,19 +55,42 @@ class TurnRecord:
 
 @dataclass
 class ProblemResult:
+    """One session: its turns, and what follows from them (``solved``, ``turn_solved``,
+    ``turns_used``, ``peak_memory_bytes`` are read off the turns, so they cannot disagree)."""
+
     problem_id: str
     method: str
-    solved: bool
-    turn_solved: int | None  # 1-based turn of the first +1, None when never solved
-    turns_used: int
+    # compute time this problem cost: over its turns, its share of every batched phase (generation,
+    # critic, update: a batch's wall time divided among its rows) plus its own reward time. The
+    # problems of a run add up to the run's time; for a batch of one it is the session's time.
     seconds: float
-    peak_memory_bytes: int
     max_turns: int
     scored: bool = True  # False when the gold answer did not parse: excluded from metrics
     turns: list[TurnRecord] = field(default_factory=list)
+    wall_seconds: float = 0.0  # wall time from joining the batch to leaving it (sessions beside it overlap)
+
+    @property
+    def turn_solved(self) -> int | None:
+        """1-based turn of the first accepted answer, None when never solved."""
+        return next((r.turn for r in self.turns if r.reward > 0), None)
+
+    @property
+    def solved(self) -> bool:
+        return self.turn_solved is not None
+
+    @property
+    def turns_used(self) -> int:
+        return len(self.turns)
+
+    @property
+    def peak_memory_bytes(self) -> int:
+        return max((r.peak_memory_bytes for r in self.turns), default=0)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields and, for readers of the JSONL, the derived values."""
+        derived = {"solved": self.solved, "turn_solved": self.turn_solved, "turns_used": self.turns_used,
+                   "peak_memory_bytes": self.peak_memory_bytes}
+        return {**asdict(self), **derived}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ProblemResult":

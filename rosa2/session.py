@@ -1,4 +1,4 @@
-"""The session engine: Algorithm 1 of ROSA2 (docs/algorithm.md §1), one problem at a time.
+"""The session engine: Algorithm 1 of ROSA2 (docs/algorithm.md §1), B sessions wide.
 
 ```
 for each problem:                       # one "session"
@@ -12,9 +12,12 @@ for each problem:                       # one "session"
     H ← H + [y_t, x*_{t+1}]
 ```
 
-A method is only which streams are on after which turn (``SessionConfig.streams_at``). One
-engine holds one loaded model; ``with_session`` derives engines for other methods or update knobs
-that share it, so an ablation never reloads the model.
+A method is only which streams are on after which turn (``SessionConfig.streams_at``). The engine
+advances up to ``batch_size`` sessions together, one turn per round (``SessionEngine._round``, the
+only copy of the loop): generation reads the weights once for B tokens, each session keeps its own
+θ in an adapter slot, and a plain session is a batch of one. One engine holds one loaded model;
+``with_session`` derives engines for other methods, update knobs or widths that share it, so an
+ablation never reloads the model.
 """
 
 from __future__ import annotations
@@ -24,16 +27,16 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from rosa2 import models
-from rosa2.adapter import ParametricStep, ParametricStream, check_target_modules
-from rosa2.config import AdaptConfig, GenerationConfig, ModelConfig, RewardConfig, SandboxConfig, SemanticConfig, SessionConfig
+from rosa2.adapter import ParametricStep, RowLoRA, UpdateItem, check_target_modules, lora_structure, parametric_steps
+from rosa2.config import AdaptConfig, ConfigError, GenerationConfig, ModelConfig, RewardConfig, SandboxConfig, SemanticConfig, SessionConfig
 from rosa2.environment import Environment, answer_status, as_dict, environment_for
 from rosa2.errors import Rosa2Error
 from rosa2.models import LoadedModel
-from rosa2.policy import Message, Policy
-from rosa2.records import Problem, ProblemResult, TurnRecord
+from rosa2.policy import Message, Policy, Reply
+from rosa2.records import Problem, ProblemResult, RewardResult, TurnRecord
 
 if TYPE_CHECKING:
     from rosa2.semantic import Refinement, SemanticStream
@@ -61,7 +64,7 @@ def validate(model: ModelConfig | LoadedModel, session: SessionConfig, adapt: Ad
 
 
 def next_history(history: list[Message], response: str, feedback: str, refinement: "Refinement | None") -> list[Message]:
-    """H_{t+1} = H_t + [y_t, x*_{t+1}] (Algorithm 1's last line), written once for both engines.
+    """H_{t+1} = H_t + [y_t, x*_{t+1}] (Algorithm 1's last line), written once.
 
     x*_{t+1} is the refined message when the words stream refined the message, else the raw
     x_{t+1} (the refinement's ``text`` is then that raw message, or the default corrective one for
@@ -113,22 +116,72 @@ def peak_memory_bytes(device: Any) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# The engine
 
 
 @dataclass
 class _Shared:
-    """What engines derived with ``with_session`` share: the loaded model and the critics."""
+    """What engines derived with ``with_session`` share: the loaded model, its adapter slots (one
+    ``RowLoRA`` per LoRA structure at a time) and the critics."""
 
     loaded: LoadedModel
     policy: Policy
     semantic: dict[str, "SemanticStream"] = field(default_factory=dict)
+    lora: RowLoRA | None = None
+
+
+@dataclass
+class _Live:
+    """One session in the batch: its adapter slot θ_slot, environment, history H and turns so far."""
+
+    index: int  # position of the problem in the run's input
+    slot: int
+    problem: Problem
+    env: Environment
+    seed: int
+    history: list[Message]
+    turns: list[TurnRecord] = field(default_factory=list)
+    scored: bool = True  # False once a turn's answer could not be scored (the session then stops)
+    joined: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class _Turn:
+    """Turn t of one session, as Algorithm 1 decides it: y_t, the environment's verdict, whether the
+    session stops, which streams run after it, and what they did."""
+
+    session: _Live
+    reply: Reply
+    clock: "_Clock"
+    reward: float
+    feedback: str  # x_{t+1}, the simulated user's raw next message
+    result: RewardResult
+    done: bool  # accepted, out of turns, or unscorable: the session leaves after this turn
+    words: bool
+    weights: bool
+    refinement: "Refinement | None" = None
+    following: list[Message] = field(default_factory=list)  # H_{t+1}
+    step: ParametricStep | None = None
+
+    @property
+    def t(self) -> int:
+        return len(self.session.turns) + 1
 
 
 class SessionEngine:
-    """Runs sessions (Algorithm 1) of one method on one loaded model.
+    """Algorithm 1 for up to ``batch_size`` sessions at once on one loaded model, each session with
+    its own adapter slot θ_slot (``rosa2.adapter.RowLoRA``); a plain session is a batch of one.
 
-    ``model`` is a ModelConfig (validated, then loaded) or an already loaded model. ``run`` takes a
-    Problem and an Environment (default: ``environment_for`` with the session's feedback mode)."""
+    Every round advances each live session by one turn: one generation (row b under θ_b), the
+    rewards, one batched words step for the sessions whose words are on, one batched parametric
+    step for those whose weights are on. A session that is solved, out of turns or unscorable
+    leaves after its turn and the next problem takes its slot with θ ← 0 (continuous batching at
+    turn granularity). Decisions, histories and seeds are per session, so under greedy decoding
+    ``batch_size`` 1 and N give the same turns (tests/test_session.py).
+
+    ``model`` is a ModelConfig (validated, then loaded) or an already loaded model. Environments
+    default to ``environment_for`` with the session's feedback mode. ``update_tokens`` bounds the
+    context + response tokens of one backward micro-batch of the parametric step."""
 
     def __init__(
         self,
@@ -139,7 +192,11 @@ class SessionEngine:
         generation: GenerationConfig | None = None,
         sandbox: SandboxConfig | None = None,
         reward: RewardConfig | None = None,
+        *,
+        batch_size: int = 1,
+        update_tokens: int = 1024,
     ) -> None:
+        _check_sizes(batch_size, update_tokens)
         semantic = semantic or SemanticConfig()
         validate(model, session, adapt, semantic)
         loaded = model if isinstance(model, LoadedModel) else models.load(model)
@@ -149,8 +206,10 @@ class SessionEngine:
         self.generation = generation or GenerationConfig()
         self.sandbox = sandbox
         self.reward = reward or RewardConfig()
+        self.batch_size = batch_size
+        self.update_tokens = update_tokens
         self._shared = _Shared(loaded, Policy(loaded, self.generation))
-        self._parametric: ParametricStream | None = None
+        self._adapter_slot: int | None = None  # the slot save_adapter saves (see there)
 
     @property
     def policy(self) -> Policy:
@@ -162,35 +221,44 @@ class SessionEngine:
         *,
         adapt: AdaptConfig | None = None,
         semantic: SemanticConfig | None = None,
+        batch_size: int | None = None,
     ) -> "SessionEngine":
-        """An engine for another method / update knobs / critic on the same loaded model."""
+        """An engine for another method / update knobs / critic / width on the same loaded model."""
         session = session or self.session
         validate(self._shared.loaded, session, adapt, semantic or self.semantic_cfg)
         other = copy.copy(self)
         other.session = session
-        if adapt is not None:
-            other.adapt, other._parametric = adapt, None
-        if semantic is not None:
-            other.semantic_cfg = semantic
+        other.adapt = adapt or self.adapt
+        other.semantic_cfg = semantic or self.semantic_cfg
+        other.batch_size = batch_size or self.batch_size
+        _check_sizes(other.batch_size, other.update_tokens)
+        other._adapter_slot = None
         return other
 
     # -- the two streams, built on first use --------------------------------------------------
 
-    def parametric(self, create: bool = True) -> ParametricStream | None:
-        """This engine's parametric stream (the LoRA adapter on the shared model)."""
-        if self._parametric is None and (create or self._wrapped()):
-            before = self.policy.model
-            self._parametric = ParametricStream(self.policy, self.adapt)
-            if self.policy.model is not before:
-                # the model is now a PeftModel: critics built on the bare model would run with θ on
-                self._shared.semantic.clear()
-                self._shared.loaded.model = self.policy.model
-        if self._parametric is not None:
-            self._parametric.activate()
-        return self._parametric
+    def lora(self, create: bool = True) -> RowLoRA | None:
+        """The adapter slots (``batch_size`` of them, this engine's LoRA structure) on the shared
+        model; built on first use (None with ``create=False`` before that)."""
+        current = self._shared.lora
+        if current is not None and lora_structure(current.cfg) == lora_structure(self.adapt) and current.slots >= self.batch_size:
+            return current
+        if not create:
+            return None
+        self.release()
+        self._shared.lora = RowLoRA(self.policy.model, self.adapt, self.batch_size)
+        return self._shared.lora
 
-    def _wrapped(self) -> bool:
-        return hasattr(self.policy.model, "peft_config")
+    def adapter_bytes(self) -> int:
+        """Memory held by the adapter slots (0 before any method with weights ran)."""
+        return self._shared.lora.nbytes() if self._shared.lora is not None else 0
+
+    def release(self) -> None:
+        """Take the adapter slots off the shared model (hooks removed, memory freed); the next run
+        with weights builds them afresh. A process that runs many cells on one model calls it per cell."""
+        if self._shared.lora is not None:
+            self._shared.lora.remove()
+            self._shared.lora = None
 
     def semantic(self) -> "SemanticStream":
         from rosa2.semantic import SemanticStream
@@ -204,52 +272,123 @@ class SessionEngine:
 
     def run(self, problem: Problem, environment: Environment | None = None, on_turn: OnTurn | None = None) -> ProblemResult:
         """One session on ``problem``: at most T_max turns, stop at the first accepted answer."""
-        session = self.session
-        env = environment or environment_for(problem, session.feedback, self.sandbox, self.reward)
-        seed = problem_seed(problem.id, self.generation.seed)
-        parametric = self.parametric(create=uses_streams(session)[1])
-        if parametric is not None:
-            parametric.reset(seed)  # θ ← 0 (also for a frozen method run after an adapted one)
-        history: list[Message] = [{"role": "user", "content": env.reset(problem)}]  # the policy adds the system message
-        turns: list[TurnRecord] = []
+        each = (lambda _, record: on_turn(record)) if on_turn is not None else None
+        return self.run_many([problem], [environment] if environment is not None else None, each)[0]
+
+    def run_many(
+        self,
+        problems: Sequence[Problem],
+        environments: Sequence[Environment] | None = None,
+        on_turn: Callable[[Problem, TurnRecord], None] | None = None,
+        on_result: Callable[[ProblemResult], None] | None = None,
+    ) -> list[ProblemResult]:
+        """Run every problem (Algorithm 1 each), ``batch_size`` sessions at a time; results in input
+        order. ``on_result`` runs as a session leaves, before its slot is given to the next problem."""
+        if environments is not None and len(environments) != len(problems):
+            raise ConfigError(f"{len(environments)} environments for {len(problems)} problems; expected one per problem")
+        weights = uses_streams(self.session)[1]
+        lora = self.lora() if weights else None
+        waiting = list(range(len(problems)))[::-1]
+        free = list(range(self.batch_size))[::-1]
+        live: list[_Live] = []
+        results: list[ProblemResult | None] = [None] * len(problems)
+        while waiting or live:
+            while waiting and free:  # join: a new problem takes a free slot with θ ← 0
+                index, slot = waiting.pop(), free.pop()
+                problem = problems[index]
+                env = environments[index] if environments is not None else environment_for(problem, self.session.feedback, self.sandbox, self.reward)
+                seed = problem_seed(problem.id, self.generation.seed)
+                if lora is not None:
+                    lora.reset(slot, seed)
+                if self.batch_size == 1:
+                    self._adapter_slot = slot
+                history: list[Message] = [{"role": "user", "content": env.reset(problem)}]  # the policy adds the system message
+                live.append(_Live(index, slot, problem, env, seed, history))
+            for session in self._round(live, lora, on_turn):  # leave
+                results[session.index] = result = self._result(session)
+                self._adapter_slot = session.slot
+                if on_result is not None:
+                    on_result(result)
+                free.append(session.slot)
+                live.remove(session)
+        self.policy.turn_cache.clear()  # the last conversation's KV
+        return [r for r in results if r is not None]
+
+    def _round(self, live: list[_Live], lora: RowLoRA | None, on_turn: Any) -> list[_Live]:
+        """One turn of every live session; returns the sessions that finished."""
+        batch = _Clock(self.policy.device)  # the batch-wide phases: generation, critic, update
+        clocks = [_Clock(self.policy.device) for _ in live]
         start = time.perf_counter()
-        for t in range(1, session.max_turns + 1):
-            clock = _Clock(self.policy.device)
-            reply = clock.time("generate", self.policy.generate, history, seed=seed + t)
-            reward, feedback, result = clock.time("reward", env.step, reply.text, t)
-            done = reward > 0 or t == session.max_turns or not result.scored  # unscorable: stop
-            words, weights = (False, False) if done else session.streams_at(t)
-            if weights:  # θ moves after this turn, so its KV cannot serve the next: free it before the streams
-                self.policy.turn_cache.clear()
-            refinement = clock.time("semantic", self._refine, problem, history, reply.text, feedback) if words else None
-            following = next_history(history, reply.text, feedback, refinement)
-            step = clock.time("parametric", self._update, history, reply, following, reward) if weights else None
-            turns.append(self._record(t, history, reply, result, reward, feedback, following, refinement, step, clock))
+        replies = batch.time("generate", self._generate, live, lora)
+        share = (time.perf_counter() - start) / len(live)
+        turns = []
+        for s, reply, clock in zip(live, replies, clocks):
+            clock.seconds["generate"] = share
+            t = len(s.turns) + 1
+            reward, feedback, result = clock.time("reward", s.env.step, reply.text, t)
+            done = reward > 0 or t == self.session.max_turns or not result.scored  # unscorable: stop
+            s.scored = result.scored
+            words, weights = (False, False) if done else self.session.streams_at(t)
+            turns.append(_Turn(s, reply, clock, reward, feedback, result, done, words, weights))
+        if any(turn.weights for turn in turns):  # θ moves, so its KV cannot serve the next turn: free it first
+            self.policy.turn_cache.clear()
+        refining = [turn for turn in turns if turn.words]
+        if refining:
+            for turn, refinement in zip(refining, batch.time("semantic", self._refine, refining)):
+                turn.refinement = refinement
+                turn.clock.seconds["semantic"] = refinement.seconds
+        for turn in turns:
+            turn.following = next_history(turn.session.history, turn.reply.text, turn.feedback, turn.refinement)
+        updating = [turn for turn in turns if turn.weights]
+        if updating:
+            assert lora is not None
+            for turn, step in zip(updating, batch.time("parametric", self._update, updating, lora)):
+                turn.step = step
+                turn.clock.seconds["parametric"] = step.seconds
+        finished = []
+        for turn in turns:
+            s = turn.session
+            turn.clock.absorb(batch)
+            record = self._record(turn)
+            s.turns.append(record)
             if on_turn is not None:
-                on_turn(turns[-1])
-            if done:
-                break
-            history = following
-        self.policy.turn_cache.clear()  # this conversation's KV; the next problem starts its own
-        return self._result(problem, turns, time.perf_counter() - start, scored=result.scored)
+                on_turn(s.problem, record)
+            if turn.done:
+                finished.append(s)
+            else:
+                s.history = turn.following
+        return finished
 
-    def _refine(self, problem: Problem, history: list[Message], response: str, message: str) -> "Refinement":
-        return self.semantic().refine(problem.prompt, history, response, message)
+    def _generate(self, live: list[_Live], lora: RowLoRA | None) -> list[Reply]:
+        """y_t for every live session, row b under θ_b. A batch of one takes the one-conversation
+        path (``Policy.generate``), whose KV cache serves the session's next turn while θ is unchanged."""
+        if len(live) == 1:
+            s = live[0]
+            return [self.policy.generate(s.history, seed=s.seed + len(s.turns) + 1, lora=lora, slot=s.slot)]
+        self.policy.turn_cache.clear()
+        prompts = [self.policy.prompt_ids(s.history) for s in live]
+        first = live[0]
+        return self.policy.generate_many(prompts, lora=lora, slots=[s.slot for s in live], seed=first.seed + len(first.turns) + 1)
 
-    def _update(self, history: list[Message], reply: Any, following: list[Message], reward: float) -> ParametricStep:
-        """θ ← θ + Δθ on y_t, in the context ``_update_context`` picks."""
-        parametric = self.parametric()
-        assert parametric is not None
-        return parametric.step(self._update_context(reply, following), reply.response_ids, reward)
+    def _refine(self, turns: list[_Turn]) -> list["Refinement"]:
+        """x*_{t+1} for every rejected turn whose words are on, in one batched words step."""
+        items = [(turn.session.problem.prompt, turn.session.history, turn.reply.text, turn.feedback) for turn in turns]
+        return self.semantic().refine_many(items)
 
-    def _update_context(self, reply: Any, following: list[Message]) -> Any:
+    def _update(self, turns: list[_Turn], lora: RowLoRA) -> list[ParametricStep]:
+        """θ_b ← θ_b + Δθ_b on y_t for every turn whose weights are on, in one batched step."""
+        items = [UpdateItem(turn.session.slot, self._update_context(turn), turn.reply.response_ids, turn.reward) for turn in turns]
+        return parametric_steps(self.policy.model, lora, self.adapt, items, max_tokens=self.update_tokens)
+
+    def _update_context(self, turn: _Turn) -> Any:
         """Prompt ids y_t is scored in: the context it was generated in (H, the paper's reading) or
-        the next one (``following`` = H + y_t + x*_{t+1}), per ``AdaptConfig.update_context``."""
+        the next one (H + y_t + x*_{t+1}), per ``AdaptConfig.update_context``."""
         if self.adapt.update_context == "next":
-            return self.policy.prompt_ids(following)
-        return reply.prompt_ids
+            return self.policy.prompt_ids(turn.following)
+        return turn.reply.prompt_ids
 
-    def _record(self, t, history, reply, result, reward, feedback, following, refinement, step, clock) -> TurnRecord:  # type: ignore[no-untyped-def]
+    def _record(self, turn: _Turn) -> TurnRecord:
+        reply, result, refinement, step, clock = turn.reply, turn.result, turn.refinement, turn.step, turn.clock
         detail = as_dict(result)
         detail["peak_memory_mb"] = clock.peaks_mb()
         if refinement is not None:
@@ -260,12 +399,12 @@ class SessionEngine:
         if step is not None:
             detail.update(segments=step.segments, residual=step.residual, gram_mean_diag=step.gram_mean_diag)
         return TurnRecord(
-            turn=t,
-            reward=reward,
+            turn=turn.t,
+            reward=turn.reward,
             response=reply.text,
-            message=history[-1]["content"],
-            feedback=feedback,
-            refined_feedback=following[-1]["content"],
+            message=turn.session.history[-1]["content"],
+            feedback=turn.feedback,
+            refined_feedback=turn.following[-1]["content"],
             words_on=refinement is not None,
             weights_on=step is not None,
             delta_theta_sq=step.delta_theta_sq if step else 0.0,
@@ -283,35 +422,44 @@ class SessionEngine:
             detail=detail,
         )
 
-    def _result(self, problem: Problem, turns: list[TurnRecord], seconds: float, scored: bool) -> ProblemResult:
-        solved_at = next((r.turn for r in turns if r.reward > 0), None)
+    def _result(self, s: _Live) -> ProblemResult:
         return ProblemResult(
-            problem_id=problem.id,
+            problem_id=s.problem.id,
             method=self.session.method,
-            solved=solved_at is not None,
-            turn_solved=solved_at,
-            turns_used=len(turns),
-            seconds=seconds,
-            peak_memory_bytes=max(r.peak_memory_bytes for r in turns),
+            seconds=sum(r.seconds_generate + r.seconds_parametric + r.seconds_semantic + r.seconds_reward for r in s.turns),
+            wall_seconds=time.perf_counter() - s.joined,
             max_turns=self.session.max_turns,
-            scored=scored,
-            turns=turns,
+            scored=s.scored,
+            turns=s.turns,
         )
 
     # -- adapters -------------------------------------------------------------------------------
 
     def save_adapter(self, path: str | Path) -> Path:
-        """Save θ of the last problem (PEFT layout, adapter only); call it after ``run``."""
-        parametric = self.parametric(create=False)
-        if parametric is None:
+        """Save θ of one session (PEFT layout, adapter only): the session that left last (call it
+        from ``run_many``'s ``on_result``, before its slot is reused, or after ``run``) or, in an
+        engine of ``batch_size`` 1, the session running now (``rosa2 chat``'s /save)."""
+        if not uses_streams(self.session)[1]:
             raise Rosa2Error(f"method {self.session.method!r} has no parametric stream, so there is no adapter to save")
-        return parametric.save(path)
+        lora = self.lora(create=False)
+        if lora is None or self._adapter_slot is None:
+            raise Rosa2Error("no session has run yet, so there is no adapter to save")
+        return lora.save(self._adapter_slot, path, base_model=self.policy.source)
 
-    def load_adapter(self, path: str | Path) -> None:
-        """Set θ from a saved adapter (e.g. to inspect a promoted one with ``policy.generate``)."""
-        parametric = self.parametric()
-        assert parametric is not None
-        parametric.load(path)
+    def load_adapter(self, path: str | Path, slot: int = 0) -> RowLoRA:
+        """Set θ of ``slot`` from a saved adapter, to inspect it (``policy.generate(..., lora=, slot=)``);
+        a run resets every slot a problem joins."""
+        lora = self.lora()
+        assert lora is not None
+        lora.load(slot, path)
+        return lora
+
+
+def _check_sizes(batch_size: int, update_tokens: int) -> None:
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size!r} must be >= 1 (sessions advanced together)")
+    if update_tokens < 1:
+        raise ConfigError(f"update_tokens={update_tokens!r} must be >= 1 (tokens per backward micro-batch)")
 
 
 class _Clock:
@@ -340,7 +488,7 @@ class _Clock:
             reset_peak_memory(self.device)
 
     def absorb(self, other: "_Clock") -> None:
-        """Take ``other``'s peaks (a batched round's generation, critic and update) as this turn's too."""
+        """Take ``other``'s peaks (the round's batched generation, critic and update) as this turn's too."""
         for phase, b in other.peaks.items():
             self.peaks[phase] = max(self.peaks.get(phase, 0), b)
         self.outside = max(self.outside, other.outside)

@@ -4,9 +4,9 @@ Tasks are plain functions with explicit inputs and outputs; retries, tags and ca
 decorators. Only infrastructure errors (sandbox, network, Docker, a lost device) are retried — a
 bad config or a model failure is not. The session task saves every finished problem to the local
 :class:`~tasks.cells.ResultStore` before moving on, and skips problems already there, so a retry,
-a crash or a kill resumes where it stopped. With ``SessionConfig.parallel_sessions`` > 1 the
-problems run through the batched engine (``rosa2.batched``) and each is saved as it leaves the
-batch, so a kill loses at most the sessions in flight.
+a crash or a kill resumes where it stopped. The engine advances ``SessionConfig.parallel_sessions``
+sessions at a time and each problem is saved as it leaves the batch, so a kill loses at most the
+sessions in flight.
 """
 
 from __future__ import annotations
@@ -102,33 +102,22 @@ def engine_for(cell: Cell) -> Any:
     """A session engine for the cell. The loaded model is reused across cells in-process: an engine
     per model × generation × sandbox, re-pointed at each cell's method and knobs (``with_session``).
 
-    ``parallel_sessions`` > 1 gives a ``BatchedSessionEngine`` with that many adapter slots. It
-    loads its own copy of the model: the one-at-a-time engine wraps its model in a PeftModel, and
-    the batched engine's per-row hooks must sit on the bare Linear modules. Batched cells share one
-    batched engine whatever their slot count (the slots are built per run)."""
+    ``parallel_sessions`` is the engine's width (adapter slots, sessions advanced together); one
+    loaded model serves every width."""
     from rosa2.config import flatten
 
     parallel = cell.session.parallel_sessions
-    kind = "batched" if parallel > 1 else "single"
-    key = kind + "-" + digest(flatten(model=cell.model, generation=cell.generation, sandbox=cell.sandbox, reward=cell.reward))
+    key = digest(flatten(model=cell.model, generation=cell.generation, sandbox=cell.sandbox, reward=cell.reward))
     engine = _engines.get(key)
     if engine is None:
-        if parallel > 1:
-            from rosa2.batched import BatchedSessionEngine
+        from rosa2.session import SessionEngine
 
-            engine = BatchedSessionEngine(
-                cell.model, cell.session, cell.adapt, cell.semantic, cell.generation, cell.sandbox, cell.reward, batch_size=parallel
-            )
-        else:
-            from rosa2.session import SessionEngine
-
-            engine = SessionEngine(cell.model, cell.session, cell.adapt, cell.semantic, cell.generation, cell.sandbox, cell.reward)
+        engine = SessionEngine(
+            cell.model, cell.session, cell.adapt, cell.semantic, cell.generation, cell.sandbox, cell.reward, batch_size=parallel
+        )
         _engines[key] = engine
         return engine
-    engine = engine.with_session(cell.session, adapt=cell.adapt, semantic=cell.semantic)
-    if parallel > 1:
-        engine.batch_size = parallel
-    return engine
+    return engine.with_session(cell.session, adapt=cell.adapt, semantic=cell.semantic, batch_size=parallel)
 
 
 def keep_adapter(policy: str, result: ProblemResult, is_last: bool) -> bool:
@@ -153,9 +142,9 @@ def run_cell_sessions(
     on_problem: Callable[[ProblemResult], None] | None = None,
 ) -> list[ProblemResult]:
     """Algorithm 1 over the cell's problems, skipping those already in the store; every finished
-    problem is stored (and its adapter kept, per ``adapters``) the moment it finishes. With
-    ``parallel_sessions`` > 1 the rest run ``parallel_sessions`` at a time (``run_many``) and are
-    stored as they leave the batch. Results come back in problem order."""
+    problem is stored (and its adapter kept, per ``adapters``) the moment it finishes: the rest run
+    ``parallel_sessions`` at a time (``run_many``) and are stored as they leave the batch. Results
+    come back in problem order."""
     from tqdm import tqdm
 
     done: dict[int, ProblemResult] = {}
@@ -172,7 +161,7 @@ def run_cell_sessions(
     def finish(index: int, result: ProblemResult) -> None:
         key = cell.problem_key(problems[index])
         if keep_adapter(adapters, result, index == len(problems) - 1):
-            engine.save_adapter(store.adapter_dir(key))  # batched: the leaving session's slot, not yet reused
+            engine.save_adapter(store.adapter_dir(key))  # the leaving session's slot, not yet reused
         store.put(key, result)
         done[index] = result
         if on_problem:
@@ -183,18 +172,14 @@ def run_cell_sessions(
     try:
         if todo:
             engine = engine_for(cell)
-        if todo and cell.session.parallel_sessions > 1:
             index_of = {problems[i].id: i for i in todo}
             if len(index_of) != len(todo):
-                raise Rosa2Error(f"problem ids repeat in cell {cell.name()!r}; a batched run needs unique ids")
+                raise Rosa2Error(f"problem ids repeat in cell {cell.name()!r}; results are matched to problems by id")
             try:
                 # the engine picks each problem's environment (rewards, sandbox) for its domain
                 engine.run_many([problems[i] for i in todo], on_result=lambda r: finish(index_of[r.problem_id], r))
             finally:
                 engine.release()  # the slots' hooks off the shared model before the next cell
-        else:
-            for index in todo:
-                finish(index, engine.run(problems[index]))
     finally:
         bar.close()
     return [done[i] for i in range(len(problems))]
@@ -231,8 +216,6 @@ def rescore_code(cell: Cell, problems: list[Problem], results: list[ProblemResul
             raise ConnectionError(f"sandbox still failing for {problem.id}: {step.result.error_text[:200]}")
         last.reward, last.detail = step.reward, {**last.detail, "outcome": step.result.outcome, "rescored": True}
         result.scored = step.result.scored
-        if step.reward > 0:
-            result.solved, result.turn_solved = True, last.turn
         store.put(cell.problem_key(problem), result)
         out.append(result)
     return out

@@ -54,8 +54,7 @@ def toy_cell(model_dir: str, method: str, seed: int, study: str, ledger: str, pr
             seconds_semantic=0.0, seconds_reward=0.0, peak_memory_bytes=0,
         )
         results.append(ProblemResult(
-            problem_id=f"s{seed}-p{i}", method=method, solved=solved, turn_solved=1 if solved else None,
-            turns_used=1, seconds=time.perf_counter() - start, peak_memory_bytes=0, max_turns=1, turns=[turn],
+            problem_id=f"s{seed}-p{i}", method=method, seconds=time.perf_counter() - start, max_turns=1, turns=[turn],
         ))
         time.sleep(pause_s)
     tracking.log_results(mc, run.info.run_id, results)

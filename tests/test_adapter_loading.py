@@ -45,12 +45,18 @@ def logits(model) -> torch.Tensor:
         return model(input_ids=IDS).logits
 
 
+def adapted_logits(engine: SessionEngine) -> torch.Tensor:
+    """The engine's model under the session's θ (slot 0: a batch of one)."""
+    with engine.lora().rows([0]):
+        return logits(engine.policy.model)
+
+
 @pytest.fixture(scope="module")
 def tiny_adapter(tiny_dir, tmp_path_factory):
     """(adapter dir, rosa2's adapted logits) on the tiny model saved as a local directory."""
     engine = adapted_engine(str(tiny_dir))
     path = engine.save_adapter(tmp_path_factory.mktemp("tiny-adapter") / "adapter")
-    return path, logits(engine.policy.model)
+    return path, adapted_logits(engine)
 
 
 def test_a_local_base_is_recorded_by_its_path_and_auto_peft_loads_it(tiny_adapter, tiny_dir):
@@ -94,7 +100,7 @@ def test_the_embedded_base_is_recorded_by_its_hub_id_and_auto_peft_resolves_it_o
 
     engine = adapted_engine("embedded")
     path = engine.save_adapter(tmp_path / "adapter")
-    expected = logits(engine.policy.model)
+    expected = adapted_logits(engine)
     assert json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"] == EMBEDDED_HUB_ID
     meta = json.loads((path / "rosa2.json").read_text())
     assert meta["base_model"] == EMBEDDED_HUB_ID and meta["rosa2_model"] == "embedded"

@@ -1,5 +1,5 @@
-"""The batched session engine: per-row adapters, batched generation, one backward for B updates,
-continuous batching, and parity with the one-at-a-time engine under greedy decoding."""
+"""One engine, B sessions wide: per-row adapter slots, batched generation, one backward for B
+updates, continuous batching, and B = 1 equal to B = N on the same engine under greedy decoding."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from rosa2 import models
-from rosa2.batched import BatchedSessionEngine, RowLoRA, UpdateItem, batched_parametric_step, generate_batch
+from rosa2.adapter import RowLoRA, UpdateItem, parametric_steps, token_batches
 from rosa2.config import AdaptConfig, ConfigError, GenerationConfig, SemanticConfig, SessionConfig
 from rosa2.environment import Environment, ExactMatchEnvironment
-from rosa2.policy import Policy
+from rosa2.policy import Policy, left_pad
 from rosa2.records import Problem, RewardResult
 from rosa2.session import SessionEngine
 
@@ -27,23 +27,24 @@ def _prompts(policy: Policy) -> list[torch.Tensor]:
 
 
 def test_batched_generation_equals_one_at_a_time(tiny):
-    """Left padding + attention mask: each row decodes what it decodes alone (prompts of unequal length)."""
+    """Left padding + attention mask: each row decodes what it decodes alone (prompts of unequal
+    length), each under its own adapter slot."""
     policy = Policy(tiny, GenerationConfig(max_new_tokens=12))
     prompts = _prompts(policy)
     assert len({int(p.numel()) for p in prompts}) > 1
     lora = RowLoRA(tiny.model, AdaptConfig(), slots=len(prompts))
     for slot in range(len(prompts)):
         lora.reset(slot, seed=slot)
-    batch = generate_batch(tiny.model, tiny.tokenizer, prompts, policy.generation, lora=lora, slots=range(len(prompts)))
-    for question, reply in zip(QUESTIONS, batch):
-        alone = policy.generate([{"role": "user", "content": question}])
+        lora.B[0][slot].normal_(std=0.5)  # a non-zero θ per slot, different in every slot
+    batch = policy.generate_many(prompts, lora=lora, slots=list(range(len(prompts))))
+    for slot, (question, reply) in enumerate(zip(QUESTIONS, batch)):
+        alone = policy.generate([{"role": "user", "content": question}], lora=lora, slot=slot)
         assert reply.response_ids.tolist() == alone.response_ids.tolist()
         assert reply.text == alone.text
+    lora.remove()
 
 
 def _logits(model, prompts, lora=None, slots=None):
-    from rosa2.batched import left_pad
-
     ids, mask, positions = left_pad(prompts, 0)
     ctx = lora.rows(slots) if lora is not None else torch.no_grad()
     with torch.no_grad(), ctx:
@@ -59,49 +60,44 @@ def test_per_row_adapters_are_independent(tiny):
     lora = RowLoRA(tiny.model, AdaptConfig(), slots=2)
     lora.reset(0, seed=1)
     lora.reset(1, seed=2)
-    replies = generate_batch(tiny.model, tiny.tokenizer, prompts, policy.generation, lora=lora, slots=[0, 1])
+    replies = policy.generate_many(prompts, lora=lora, slots=[0, 1])
     before = _logits(tiny.model, prompts, lora, [0, 1])
     assert torch.allclose(before, base, atol=1e-6)  # θ = 0 at the start: B = 0
 
-    (step,) = batched_parametric_step(
-        tiny.model, lora, AdaptConfig(), [UpdateItem(0, prompts[0], replies[0].response_ids, -1.0)]
-    )
+    (step,) = parametric_steps(tiny.model, lora, AdaptConfig(), [UpdateItem(0, prompts[0], replies[0].response_ids, -1.0)])
     assert step.delta_theta_sq > 0
     after = _logits(tiny.model, prompts, lora, [0, 1])
     assert not torch.allclose(after[0], before[0], atol=1e-5)
     assert torch.equal(after[1], before[1])
-    assert torch.allclose(_logits(tiny.model, prompts), base, atol=1e-6)  # adapter off = base model
+    assert torch.allclose(_logits(tiny.model, prompts), base, atol=1e-6)  # no slot active = base model
     # the same slot applied to another row gives that row the same adapted function
     swapped = _logits(tiny.model, prompts[::-1], lora, [1, 0])
     assert torch.allclose(swapped[1], after[0], atol=1e-5)
+    lora.remove()
 
 
-@pytest.mark.parametrize("max_tokens", [1, 4096])  # each session alone / both in one backward
-def test_batched_step_equals_the_single_stream_step(tiny, max_tokens):
-    """Two sessions updated in one backward take, each, the step ParametricStream takes alone
-    (granularity chunks:3 goes through the vmapped is_grads_batched path), whatever the token budget
-    of the backward's micro-batches."""
-    from rosa2.adapter import ParametricStream
-
+def test_one_backward_for_two_sessions_equals_each_alone(tiny):
+    """Two sessions updated in one backward take, each, the step they take as a batch of one
+    (granularity chunks:3 goes through the vmapped is_grads_batched path): max_tokens=1 puts every
+    session in its own micro-batch."""
     cfg = AdaptConfig(granularity="chunks:3")
     policy = Policy(tiny, GenerationConfig(max_new_tokens=8))
     prompts = _prompts(policy)[:2]
     replies = [policy.generate([{"role": "user", "content": q}]) for q in QUESTIONS[:2]]
-    other = models.tiny_random(seed=0)
-    lora = RowLoRA(other.model, cfg, slots=2)
+    thetas, steps = [], []
+    for max_tokens in (1, 4096):
+        lora = RowLoRA(tiny.model, cfg, slots=2)
+        for slot in range(2):
+            lora.reset(slot, seed=10 + slot)
+        items = [UpdateItem(slot, prompts[slot], replies[slot].response_ids, reward) for slot, reward in ((0, -1.0), (1, 1.0))]
+        steps.append(parametric_steps(tiny.model, lora, cfg, items, max_tokens=max_tokens))
+        thetas.append([lora.flat(slot).clone() for slot in range(2)])
+        lora.remove()
     for slot in range(2):
-        lora.reset(slot, seed=10 + slot)
-    items = [UpdateItem(slot, prompts[slot], replies[slot].response_ids, reward) for slot, reward in ((0, -1.0), (1, 1.0))]
-    batched = batched_parametric_step(other.model, lora, cfg, items, max_tokens=max_tokens)
-
-    stream = ParametricStream(policy, cfg)
-    for slot, item in enumerate(items):
-        stream.reset(10 + slot)
-        single = stream.step(item.prompt_ids, item.response_ids, item.reward)
-        theta = torch.cat([w.detach().reshape(-1) for w in stream.params])
-        assert torch.allclose(lora.flat(slot), theta, atol=1e-6, rtol=1e-4)
-        assert math.isclose(batched[slot].delta_theta_sq, single.delta_theta_sq, rel_tol=1e-4)
-        assert batched[slot].segments == single.segments == 3
+        assert torch.allclose(thetas[0][slot], thetas[1][slot], atol=1e-6, rtol=1e-4)
+        assert math.isclose(steps[0][slot].delta_theta_sq, steps[1][slot].delta_theta_sq, rel_tol=1e-4)
+        assert steps[0][slot].segments == steps[1][slot].segments == 3
+        assert steps[0][slot].delta_theta_sq > 0
 
 
 class ScriptedEnvironment(Environment):
@@ -128,61 +124,70 @@ PROBLEMS = [Problem(id=f"p{i}", prompt=f"What is {i} + {3 * i}?", domain="math",
 ACCEPT_AT = [1, 3, 2, 4, 2]  # p0 leaves after round 1, p2 after round 2, ... with max_turns 3, p3 never
 
 
-def _assert_same(single, batched):
-    assert [r.problem_id for r in batched] == [r.problem_id for r in single]
-    for a, b in zip(single, batched):
-        assert (a.solved, a.turn_solved, a.turns_used) == (b.solved, b.turn_solved, b.turns_used)
+def _assert_same(one, many):
+    assert [r.problem_id for r in many] == [r.problem_id for r in one]
+    for a, b in zip(one, many):
+        assert (a.solved, a.turn_solved, a.turns_used, a.scored) == (b.solved, b.turn_solved, b.turns_used, b.scored)
         for x, y in zip(a.turns, b.turns):
-            assert (x.turn, x.response, x.reward, x.refined_feedback) == (y.turn, y.response, y.reward, y.refined_feedback)
-            assert (x.words_on, x.weights_on) == (y.words_on, y.weights_on)
+            assert (x.turn, x.response, x.reward, x.message, x.refined_feedback) == (y.turn, y.response, y.reward, y.message, y.refined_feedback)
+            assert (x.words_on, x.weights_on, x.semantic_class) == (y.words_on, y.weights_on, y.semantic_class)
             assert math.isclose(x.delta_theta_sq, y.delta_theta_sq, rel_tol=1e-3, abs_tol=1e-9)
 
 
-@pytest.mark.parametrize("method,granularity", [("rosa", "chunks:2"), ("switch-p2w@2", "sequence")])
-def test_parity_and_continuous_batching(method, granularity):
-    """Same per-turn responses, rewards and ‖Δθ‖² as SessionEngine problem by problem; with
-    batch_size 2 and sessions leaving at different rounds, problems join freed slots (θ reset)."""
-    session = SessionConfig(method=method, max_turns=3)
-    adapt = AdaptConfig(granularity=granularity)
-    generation = GenerationConfig(max_new_tokens=8)
-    critic = SemanticConfig(max_new_tokens=16)  # the random critic never closes TextGrad's tags: keep it short
-    single = SessionEngine(models.tiny_random(seed=0), session, adapt, critic, generation)
-    expected = [single.run(p, ScriptedEnvironment(k)) for p, k in zip(PROBLEMS, ACCEPT_AT)]
+@pytest.fixture(scope="module")
+def width_engine():
+    """One engine (one loaded tiny model) that every method and width below derives from."""
+    return SessionEngine(
+        models.tiny_random(seed=0), SessionConfig(method="rosa", max_turns=3), AdaptConfig(granularity="chunks:2"),
+        SemanticConfig(max_new_tokens=16),  # the random critic never closes TextGrad's tags: keep it short
+        GenerationConfig(max_new_tokens=8),
+    )
 
-    engine = BatchedSessionEngine(models.tiny_random(seed=0), session, adapt, critic, generation, batch_size=2)
+
+@pytest.mark.parametrize("method", ["baseline", "textgrad", "rosa", "rosa2", "switch-w2p@2", "switch-p2w@2"])
+def test_batch_of_one_equals_batch_of_two_on_the_same_engine(width_engine, method):
+    """Same per-turn responses, rewards, refined messages and ‖Δθ‖² at B = 1 and B = 2; at B = 2
+    sessions leave at different rounds and problems join freed slots (θ reset)."""
+    session = SessionConfig(method=method, max_turns=3)
+    one = width_engine.with_session(session, batch_size=1)
+    expected = one.run_many(PROBLEMS, [ScriptedEnvironment(k) for k in ACCEPT_AT])
+    many = width_engine.with_session(session, batch_size=2)
     order: list[tuple[str, int]] = []
     left: list[str] = []
-    got = engine.run_many(
+    got = many.run_many(
         PROBLEMS,
         [ScriptedEnvironment(k) for k in ACCEPT_AT],
         on_turn=lambda problem, record: order.append((problem.id, record.turn)),
         on_result=lambda result: left.append(result.problem_id),
     )
     _assert_same(expected, got)
-    assert sum(r.weights_on for res in got for r in res.turns) > 0
+    words, weights = (sum(getattr(r, f) for res in got for r in res.turns) for f in ("words_on", "weights_on"))
+    assert (words > 0, weights > 0) == {"baseline": (False, False), "textgrad": (True, False), "rosa": (False, True)}.get(
+        method, (True, True)
+    )
     # p0 leaves after round 1, so p2 joins in round 2 beside p1; p1 and p3 leave after 3 turns
     assert order[:5] == [("p0", 1), ("p1", 1), ("p1", 2), ("p2", 1), ("p1", 3)]
     assert left == ["p0", "p1", "p2", "p4", "p3"]
     assert [r.turns_used for r in got] == [1, 3, 2, 3, 2]
-    assert engine.adapter_bytes() == 2 * engine.row_lora().slot_numel() * 4
+    if weights:
+        assert many.adapter_bytes() == 2 * many.lora().slot_numel() * 4  # float32 slots, two of them
+    # seconds are shares: a run's problems add up to about its wall time, whatever B
+    assert all(0 < r.seconds <= r.wall_seconds + 1e-6 for r in got)
+    many.release()
 
 
-def test_reset_gives_the_single_engines_initial_adapter(tiny):
-    from rosa2.adapter import ParametricStream
-
-    lora = RowLoRA(models.tiny_random(seed=0).model, AdaptConfig(), slots=3)
+def test_reset_draws_the_same_initial_adapter_in_every_slot(tiny):
+    lora = RowLoRA(tiny.model, AdaptConfig(), slots=3)
     lora.reset(2, seed=7)
-    stream = ParametricStream(Policy(tiny), AdaptConfig())
-    stream.reset(7)
-    assert torch.equal(lora.flat(2), torch.cat([w.detach().reshape(-1) for w in stream.params]))
-    assert all(bool(b[2].eq(0).all()) for b in lora.B)
+    lora.reset(0, seed=7)
+    lora.reset(1, seed=8)
+    assert torch.equal(lora.flat(2), lora.flat(0)) and not torch.equal(lora.flat(1), lora.flat(0))
+    assert all(bool(b[2].eq(0).all()) for b in lora.B) and lora.is_zero(2)
     lora.remove()
     assert not any(m._forward_hooks for m in tiny.model.modules())
 
 
 def test_token_batches_keep_the_padded_size_within_the_budget():
-    from rosa2.batched import token_batches
-
     assert token_batches([0, 1, 2, 3], [100, 120, 90, 300], 250) == [[0, 1], [2], [3]]
     assert token_batches([0, 1, 2], [10, 10, 10], 1) == [[0], [1], [2]]  # over budget: one each
     assert token_batches([0, 1, 2], [10, 10, 10], 1024) == [[0, 1, 2]]
@@ -192,9 +197,9 @@ def test_bad_input_is_refused(tiny):
     with pytest.raises(ConfigError, match="gate_projx"):
         RowLoRA(tiny.model, AdaptConfig(target_modules=("q_proj", "gate_projx")), slots=2)
     with pytest.raises(ConfigError, match="batch_size=0"):
-        BatchedSessionEngine(tiny, SessionConfig(method="rosa"), batch_size=0)
+        SessionEngine(tiny, SessionConfig(method="rosa"), batch_size=0)
     with pytest.raises(ConfigError, match="update_tokens=0"):
-        BatchedSessionEngine(tiny, SessionConfig(method="rosa"), update_tokens=0)
+        SessionEngine(tiny, SessionConfig(method="rosa"), update_tokens=0)
     from rosa2.bench import BenchConfig
 
     with pytest.raises(ConfigError, match="arms"):
@@ -202,18 +207,17 @@ def test_bad_input_is_refused(tiny):
 
 
 @pytest.mark.slow
-def test_parity_on_smollm2():
-    """The real model, three problems, rosa (weights): batched at B = 3 equals one at a time."""
-    session = SessionConfig(method="rosa", max_turns=2)
+def test_batch_of_one_equals_batch_of_three_on_smollm2():
+    """The real model, three problems, rosa (weights): B = 3 equals B = 1 on the same engine."""
     generation = GenerationConfig(max_new_tokens=24)
     problems = [
         Problem(id=f"s{i}", prompt=f"What is {a} * {b}? Give only the number.", domain="math", answer=str(a * b))
         for i, (a, b) in enumerate([(7, 8), (37, 43), (12, 11)])
     ]
-    single = SessionEngine(models.load("embedded"), session, generation=generation)
-    expected = [single.run(p, ExactMatchEnvironment("sparse")) for p in problems]
-    engine = BatchedSessionEngine(models.load("embedded"), session, generation=generation, batch_size=3)
-    _assert_same(expected, engine.run_many(problems, [ExactMatchEnvironment("sparse") for _ in problems]))
+    engine = SessionEngine(models.load("embedded"), SessionConfig(method="rosa", max_turns=2), generation=generation)
+    expected = engine.run_many(problems, [ExactMatchEnvironment("sparse") for _ in problems])
+    wide = engine.with_session(batch_size=3)
+    _assert_same(expected, wide.run_many(problems, [ExactMatchEnvironment("sparse") for _ in problems]))
 
 
 def test_bench_cli_on_the_tiny_model(tmp_path):

@@ -38,23 +38,31 @@ def test_later_turns_start_after_the_cached_conversation_and_generate_the_same(t
 
 
 def test_a_weight_change_drops_the_cache(tiny):
-    from rosa2.adapter import ParametricStream
+    from rosa2.adapter import RowLoRA, UpdateItem, parametric_steps
     from rosa2.config import AdaptConfig
 
     policy = Policy(tiny, GenerationConfig(max_new_tokens=6))
-    stream = ParametricStream(policy, AdaptConfig())
-    stream.reset(seed=1)
-    reply = policy.generate(QUESTION)
+    lora = RowLoRA(tiny.model, AdaptConfig(), slots=2)
+    lora.reset(0, seed=1)
+    lora.reset(1, seed=1)
+    reply = policy.generate(QUESTION, lora=lora, slot=0)
     history = [*QUESTION, {"role": "assistant", "content": reply.text}, {"role": "user", "content": RETRY}]
-    stream.step(reply.prompt_ids, reply.response_ids, reward=-1.0)  # θ moves: the KV of H_t is stale
-    policy.generate(history)
+    # θ moves: the KV of H_t is stale
+    parametric_steps(tiny.model, lora, AdaptConfig(), [UpdateItem(0, reply.prompt_ids, reply.response_ids, -1.0)])
+    policy.generate(history, lora=lora, slot=0)
     assert policy.turn_cache.reused_tokens == 0
-    policy.generate([*history, {"role": "assistant", "content": "5"}, {"role": "user", "content": RETRY}])
+    policy.generate([*history, {"role": "assistant", "content": "5"}, {"role": "user", "content": RETRY}], lora=lora, slot=0)
     assert policy.turn_cache.reused_tokens > 0  # same weights since the last generation: reused
     before = policy.turn_cache.reused_tokens
-    stream.reset(seed=2)  # a reset (the next problem) changes the weights too
-    policy.generate(history)
+    policy.generate(history, lora=lora, slot=1)  # another slot is another θ
     assert policy.turn_cache.reused_tokens == before
+    policy.generate(history, lora=lora, slot=1)
+    assert policy.turn_cache.reused_tokens > before
+    before = policy.turn_cache.reused_tokens
+    lora.reset(1, seed=2)  # a reset (the next problem) changes the weights too
+    policy.generate(history, lora=lora, slot=1)
+    assert policy.turn_cache.reused_tokens == before
+    lora.remove()
 
 
 @pytest.mark.parametrize("method,reused", [("baseline", True), ("rosa", False)])

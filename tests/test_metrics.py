@@ -20,10 +20,7 @@ def turn(t: int, reward: float, *, dtheta: float = 0.0, dx: float = 0.0, weights
 def result(pid: str, solved_at: int | None, k: int = 3, *, scored: bool = True, seconds: float = 10.0) -> ProblemResult:
     used = solved_at or k
     turns = [turn(t, 1.0 if t == solved_at else -1.0, dtheta=float(t), dx=2.0 * t, weights=t < used, words=t < used) for t in range(1, used + 1)]
-    return ProblemResult(
-        problem_id=pid, method="rosa2", solved=solved_at is not None, turn_solved=solved_at, turns_used=used,
-        seconds=seconds, peak_memory_bytes=max(r.peak_memory_bytes for r in turns), max_turns=k, scored=scored, turns=turns,
-    )
+    return ProblemResult(problem_id=pid, method="rosa2", seconds=seconds, max_turns=k, scored=scored, turns=turns)
 
 
 def test_accuracy_uplift_and_turns_on_hand_made_results():
@@ -100,8 +97,7 @@ def arm_turn(t: int, reward: float, *, words: bool = False, cls: str = "", dx: f
 
 
 def problem(pid: str, turns: list[TurnRecord], k: int = 3) -> ProblemResult:
-    solved = next((t.turn for t in turns if t.reward > 0), None)
-    return ProblemResult(pid, "rosa2", solved is not None, solved, len(turns), 1.0, 2**20, k, turns=turns)
+    return ProblemResult(pid, "rosa2", seconds=1.0, max_turns=k, turns=turns)
 
 
 def test_refinement_classes_rates_and_delta_x_over_refined_turns_only():
@@ -193,3 +189,14 @@ def test_paired_gain_on_hand_made_results():
     sure = paired_gain_of({"a": 1.0, "b": 1.0}, {"a": 0.0, "b": 0.0})
     assert (sure.gain, sure.low, sure.high, sure.won) == (1.0, 1.0, 1.0, 2)
     assert paired_gain_of({"a": 1.0}, {"b": 0.0}) is None  # nothing in common
+
+
+def test_a_result_reads_solved_turns_and_peak_off_its_turns_and_round_trips():
+    r = result("p", solved_at=2)
+    assert (r.solved, r.turn_solved, r.turns_used, r.peak_memory_bytes) == (True, 2, 2, 2 * 2**20)
+    r.turns[1].reward = -1.0  # a re-score (evaluate_code) changes the turn: the result follows
+    assert (r.solved, r.turn_solved) == (False, None)
+    data = r.to_dict()
+    assert (data["solved"], data["turns_used"], data["peak_memory_bytes"]) == (False, 2, 2 * 2**20)
+    assert ProblemResult.from_dict(data).to_dict() == data
+    assert ProblemResult("q", "rosa2", seconds=0.0, max_turns=1).peak_memory_bytes == 0

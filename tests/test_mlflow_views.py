@@ -30,8 +30,8 @@ def _turn(t: int, reward: float, words: bool = False, weights: bool = False) -> 
 
 def _results() -> list[ProblemResult]:
     return [
-        ProblemResult("p1", "rosa2", True, 2, 2, 1.0, 2**20, 3, turns=[_turn(1, -1, True, True), _turn(2, 1)]),
-        ProblemResult("p2", "rosa2", False, None, 3, 1.0, 2**20, 3,
+        ProblemResult("p1", "rosa2", seconds=1.0, max_turns=3, turns=[_turn(1, -1, True, True), _turn(2, 1)]),
+        ProblemResult("p2", "rosa2", seconds=1.0, max_turns=3,
                       turns=[_turn(1, -1, True, True), _turn(2, -1, True, True), _turn(3, -1)]),
     ]
 

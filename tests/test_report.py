@@ -22,7 +22,7 @@ def turn(t: int, reward: float, *, weights: bool = False, words: bool = False, d
 def result(pid: str, method: str, solved_at: int | None, max_turns: int = 3, seconds: float = 2.0, **kw) -> ProblemResult:
     last = solved_at or max_turns
     turns = [turn(t, 1.0 if t == solved_at else -1.0, **(kw if t < last else {})) for t in range(1, last + 1)]
-    return ProblemResult(pid, method, solved_at is not None, solved_at, last, seconds, 100 * 2**20, max_turns, turns=turns)
+    return ProblemResult(pid, method, seconds=seconds, max_turns=max_turns, turns=turns)
 
 
 def cells() -> list[report.CellSummary]:
@@ -131,7 +131,7 @@ def test_table3_and_warnings_say_what_each_arm_did():
 
     def problem(pid: str, classes: list[str], statuses: list[str], predictions: list[str]) -> ProblemResult:
         turns = [turn_of(t, -1.0, c, s, p) for t, (c, s, p) in enumerate(zip(classes, statuses, predictions), 1)]
-        return ProblemResult(pid, "textgrad", False, None, len(turns), 1.0, 2**20, 3, turns=turns)
+        return ProblemResult(pid, "textgrad", seconds=1.0, max_turns=3, turns=turns)
 
     fell = [problem("p1", ["copied", "truncated", ""], ["no_answer", "truncated", "truncated"], ["1", "1", "2"]),
             problem("p2", ["copied", "refined", ""], ["truncated", "truncated", "truncated"], ["3", "4", "4"])]

@@ -145,7 +145,6 @@ def test_the_system_prompt_target_persists_across_turns_and_resets_per_problem(t
 
 def test_a_frozen_system_prompt_stays_in_force_after_the_switch(tiny):
     p2w = engine(tiny, "switch-p2w@2", 4, target="system")
-    p2w.parametric()  # wrap the model in its adapter first: that rebuilds the critics
     p2w.semantic().engine = scripted([f"{TGD_TAGS[0]}Always add digit by digit and state the sum.{TGD_TAGS[1]}"])
     seen: list[list[dict]] = []
     generate = p2w.policy.generate

@@ -100,7 +100,7 @@ def test_the_loop_stops_at_the_first_accepted_answer(tiny):
 def test_methods_turn_each_stream_on_and_off_at_the_right_turn(tiny, method, expected):
     engine = engine_for(tiny, method, 5)
     theta: list[torch.Tensor] = []
-    snapshot = lambda record: theta.append(torch.cat([w.detach().reshape(-1).clone() for w in engine.parametric().params]))  # noqa: E731
+    snapshot = lambda record: theta.append(engine.lora().flat(0).detach().clone())  # noqa: E731
     uses_weights = any(p for _, p in expected)
     result = engine.run(PROBLEM, ExactMatchEnvironment("none"), on_turn=snapshot if uses_weights else None)
     assert flags(result) == expected
@@ -119,17 +119,19 @@ def test_methods_turn_each_stream_on_and_off_at_the_right_turn(tiny, method, exp
 def test_one_engine_runs_other_methods_on_the_same_model(tiny):
     rosa = engine_for(tiny, "rosa", 2)
     rosa.run(PROBLEM, ExactMatchEnvironment())
-    assert not rosa.parametric().is_zero()
+    assert not rosa.lora().is_zero(0)
     baseline = rosa.with_session(SessionConfig(method="baseline", max_turns=2))
     assert baseline.policy is rosa.policy and baseline.policy.model is rosa.policy.model
     result = baseline.run(PROBLEM, ExactMatchEnvironment())
-    assert baseline.parametric(create=False).is_zero()  # θ ← 0 even though baseline never adapts
+    assert baseline.lora(create=False) is None or baseline.lora(create=False) is rosa.lora()  # baseline runs no slot: the base model
     assert [r.delta_theta_sq for r in result.turns] == [0.0, 0.0]
+    assert result.turns[0].response == engine_for(tiny, "baseline", 2).run(PROBLEM, ExactMatchEnvironment()).turns[0].response
     token = rosa.with_session(adapt=AdaptConfig(granularity="token", update_context="next"))
     assert token.run(PROBLEM, ExactMatchEnvironment()).turns[0].detail["segments"] > 1
     wider = rosa.with_session(adapt=AdaptConfig(rank=2, target_modules=("q_proj",)))
     assert wider.run(PROBLEM, ExactMatchEnvironment()).turns[0].delta_theta_sq > 0
-    assert len(wider.parametric().params) == 2 * tiny.model.config.num_hidden_layers
+    assert len(wider.lora().tensors()) == 2 * tiny.model.config.num_hidden_layers
+    wider.release()
 
 
 def test_an_unscorable_answer_ends_the_session_unscored(tiny):
@@ -277,20 +279,24 @@ def degenerate(text: str) -> bool:
 @pytest.mark.slow
 @pytest.mark.parametrize("granularity", ["sequence", "chunks:4", "token"])
 def test_update_property_at_the_defaults_on_smollm2(own_smol, granularity):
-    engine = SessionEngine(own_smol, SessionConfig(method="rosa"), AdaptConfig(granularity=granularity), generation=GenerationConfig(max_new_tokens=24))
-    stream = engine.parametric()
+    from rosa2.adapter import UpdateItem, parametric_steps
+
+    cfg = AdaptConfig(granularity=granularity)
+    engine = SessionEngine(own_smol, SessionConfig(method="rosa"), cfg, generation=GenerationConfig(max_new_tokens=24))
+    lora = engine.lora()
     reply = engine.policy.generate([{"role": "user", "content": "What is 17 + 25? Answer with the number."}])
     for reward in (-1.0, 1.0):
-        stream.reset(seed=0)
+        lora.reset(0, seed=0)
         for _ in range(2):  # accumulated steps, as in a session
             before = _loglik(engine, reply)
-            stream.step(reply.prompt_ids, reply.response_ids, reward)
+            parametric_steps(engine.policy.model, lora, cfg, [UpdateItem(0, reply.prompt_ids, reply.response_ids, reward)])
             assert (_loglik(engine, reply) - before) * reward > 0
+    engine.release()
 
 
 def _loglik(engine, reply) -> float:
     ids = torch.cat([reply.prompt_ids, reply.response_ids])[None]
-    with torch.no_grad():
+    with torch.no_grad(), engine.lora().rows([0]):
         logits = engine.policy.model(input_ids=ids).logits[0, reply.prompt_ids.numel() - 1 : -1]
     return float(torch.log_softmax(logits.double(), -1).gather(-1, reply.response_ids[:, None]).sum())
 

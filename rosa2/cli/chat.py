@@ -183,7 +183,7 @@ class Chat:
         if self.args.adapter is not None:
             return None, (f"no adapter saved: θ here is fitted on top of {self.args.adapter} merged into the model, "
                           "so it would not load onto the base model alone")
-        if self.engine.parametric(create=False) is None:
+        if self.engine.lora(create=False) is None:
             return None, f"no adapter yet (method {self.engine.session.method} updates θ after a rejected answer)"
         try:
             return str(self.engine.save_adapter(path)), ""
@@ -229,7 +229,7 @@ def show_update(record: TurnRecord) -> None:
 def show_progress(engine: Any, status: Status) -> None:
     """Status lines around what the person waits for: an answer, the refinement of their message
     (the semantic stream) and the update of θ (the parametric stream), in the engine's own order."""
-    engine.policy.generate = status.wrap("writing an answer", engine.policy.generate)
+    engine._generate = status.wrap("writing an answer", engine._generate)
     engine._refine = status.wrap("refining your message", engine._refine)
     engine._update = status.wrap("updating the adapter", engine._update)
 

@@ -95,7 +95,7 @@ def cmd(args: argparse.Namespace) -> int:
     engine = build_engine(args, configs)
     on_turn = (lambda r: print(json.dumps(asdict(r)), flush=True)) if args.json else print_turn
     result = engine.run(problem, environment, on_turn=on_turn)
-    summary = {k: v for k, v in asdict(result).items() if k != "turns"}
+    summary = {k: v for k, v in result.to_dict().items() if k != "turns"}
     summary["scoring"] = environment.name
     if args.save_adapter:
         summary["adapter"] = str(engine.save_adapter(args.save_adapter))
