@@ -5,10 +5,10 @@ Resumable by construction: the cell key finds a finished MLflow run (skip) or an
 (resume into it); finished problems come from the local store; nothing is uploaded twice.
 
 Honest ends: a cell (and a parent) is claimed by its key for as long as it runs
-(:func:`tasks.cells.claim`, a flock under the project home), so a second ``rosa2 run`` of it waits,
+(:func:`rosa2.tasks.cells.claim`, a flock under the project home), so a second ``rosa2 run`` of it waits,
 saying who holds it, then finds it finished; a claim whose holder died (``kill -9``) gets its
 Prefect flow run marked Crashed by the next holder. A run the flow does not finish ends FAILED
-(with the error as a tag) or KILLED (Ctrl-C, SIGTERM), never RUNNING (:func:`tasks.tracking.ends_honestly`).
+(with the error as a tag) or KILLED (Ctrl-C, SIGTERM), never RUNNING (:func:`rosa2.tasks.tracking.ends_honestly`).
 """
 
 from __future__ import annotations
@@ -180,7 +180,7 @@ def run_group(cells: list[Cell], tracking: TrackingConfig, name: str, kind: str,
               scaleout: Any = None) -> GroupOutcome:
     """Cells as child runs of one parent run, then one report on the parent (call inside a flow).
 
-    ``scaleout`` (a :class:`flows.scaleout.ScaleoutConfig`) fans the cells out to a work pool or
+    ``scaleout`` (a :class:`rosa2.flows.scaleout.ScaleoutConfig`) fans the cells out to a work pool or
     Ray first; the loop below then only gathers their summaries (finished cells are skipped)."""
     key = group_key(kind, cells)
     label_flow_run(sorted({f"kind:{kind}", *(t for c in cells for t in cell_tags(c, tracking.study))}), f"{tracking.study} · {name}")

@@ -55,7 +55,7 @@ class SweepSpec:
     seeds: list[int]
     sections: dict[str, dict[str, Any]] = field(default_factory=dict)
     source: str = "<sweep>"
-    scaleout: Any = None  # flows.scaleout.ScaleoutConfig: where the cells run (default: here, one by one)
+    scaleout: Any = None  # rosa2.flows.scaleout.ScaleoutConfig: where the cells run (default: here, one by one)
 
     def tracking(self, base: TrackingConfig | None = None) -> TrackingConfig:
         base = base or TrackingConfig()

@@ -236,7 +236,7 @@ def summarize(results: list[ProblemResult], max_turns: int | None = None) -> dic
         **semantic_counts(scored),
         **answer_counts(scored),
         **per_turn_means(scored, k),
-        # not a metric (MLflow skips it; tasks.tracking keeps it beside the run): paired comparisons
+        # not a metric (MLflow skips it; rosa2.tasks.tracking keeps it beside the run): paired comparisons
         "solved_by_problem": solved_by_problem(scored, k),
     }
 

@@ -3,13 +3,13 @@
 Layout of a study in MLflow:
 
 - one experiment per study (``TrackingConfig.study``);
-- one run per cell, tagged ``rosa2.cell_key`` (deterministic, see :mod:`tasks.cells`) and, once
+- one run per cell, tagged ``rosa2.cell_key`` (deterministic, see :mod:`rosa2.tasks.cells`) and, once
   everything is uploaded, ``rosa2.complete=true`` — a rerun finds the run by tag and either skips
   the cell or resumes into the same run, so no duplicate runs appear;
 - sweep / ablation parents tagged ``rosa2.parent_key``; children carry ``mlflow.parentRunId``;
 - per cell: params (every config field), final metrics, per-turn curves as steps, per-problem
   results + transcripts (``results.jsonl``) and a table, one MLflow trace per turn grouped into
-  one MLflow session per problem (:mod:`tasks.traces`), adapters under the retention policy,
+  one MLflow session per problem (:mod:`rosa2.tasks.traces`), adapters under the retention policy,
   dataset lineage, plots and the report;
 - every run: where it came from (git commit, dirty flag, user, command line: :func:`source_tags`)
   and a one-paragraph description (``mlflow.note.content``).
@@ -108,7 +108,7 @@ def open_run(mc: Any, exp_id: str, tag: str, key: str, name: str, kind: str, par
     Either way it carries the :func:`source_tags` of this process (a resumed run: the resuming command).
 
     Finding and creating are two calls: callers that may race on one key hold its claim
-    (:func:`tasks.cells.claim`, as the experiment flow does), or two runs can appear."""
+    (:func:`rosa2.tasks.cells.claim`, as the experiment flow does), or two runs can appear."""
     run = find_run(mc, exp_id, tag, key)
     if run is not None:
         _resume(mc, run)

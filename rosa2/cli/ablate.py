@@ -3,7 +3,7 @@ one model and dataset, under one parent run.
 
 The command's defaults are a demo that fits a CPU: T_max = 4 with the switch at turn 2, so each
 Switch arm runs one update on its first axis and two on the second. The paper's study (T_max 10,
-switch at 5: ``flows.ablation.ABLATION_METHODS``) is ``--max-turns 10 --method baseline textgrad
+switch at 5: ``rosa2.flows.ablation.ABLATION_METHODS``) is ``--max-turns 10 --method baseline textgrad
 rosa rosa2 switch-w2p@5 switch-p2w@5``, or ``rosa2 sweep sweeps/motivation.yaml``."""
 
 from __future__ import annotations
