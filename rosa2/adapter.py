@@ -254,6 +254,7 @@ class RowLoRA:
         self.B = [torch.zeros(slots, m.out_features, cfg.rank, device=device) for _, m in self.targets]
         self._rows: Any = None
         self._active: tuple[int, ...] | None = None
+        self._gathered: dict[int, tuple[Any, Any]] = {}  # per target: (A[rows], B[rows]) while no grad is taken
         self._handles = [linear.register_forward_hook(self._hook(i)) for i, (_, linear) in enumerate(self.targets)]
 
     # -- the forward -------------------------------------------------------------------------
@@ -267,8 +268,12 @@ class RowLoRA:
             x = inputs[0]
             if x.shape[0] != rows.shape[0]:
                 raise RuntimeError(f"RowLoRA: batch has {x.shape[0]} rows but {rows.shape[0]} slot ids are set")
-            a = self.A[index][rows]  # [b, r, in]
-            b = self.B[index][rows]  # [b, out, r]
+            if torch.is_grad_enabled():  # the update: the gathers are part of the graph to A, B
+                a, b = self.A[index][rows], self.B[index][rows]
+            else:  # generation: θ is fixed for the whole call, so gather once, not at every decoded token
+                if index not in self._gathered:
+                    self._gathered[index] = (self.A[index][rows], self.B[index][rows])
+                a, b = self._gathered[index]  # [b, r, in], [b, out, r]
             flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)
             delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2))
             return output + (self.scale * delta).reshape(output.shape).to(output.dtype)
@@ -284,12 +289,13 @@ class RowLoRA:
         bad = [s for s in slot_ids if not 0 <= s < self.slots]
         if bad:
             raise ValueError(f"slot ids {bad} outside 0..{self.slots - 1}")
-        previous = self._rows, self._active
+        previous = self._rows, self._active, self._gathered
         self._rows, self._active = torch.tensor(slot_ids, dtype=torch.long, device=self.A[0].device), slot_ids
+        self._gathered = {}
         try:
             yield
         finally:
-            self._rows, self._active = previous
+            self._rows, self._active, self._gathered = previous
 
     def state(self) -> tuple[Any, ...]:
         """What a KV cache computed now depends on besides its tokens: the active slots and the

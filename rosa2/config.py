@@ -69,6 +69,10 @@ class GenerationConfig:
     top_p: float = _help("Nucleus sampling mass (with --do-sample)", default=0.95)
     seed: int = _help("Random seed for sampling and adapter initialisation", default=0)
     system_prompt: str | None = _help("System message placed first in every history", default=None)
+    static_cache: bool = _help(
+        "Batched generation preallocates its KV cache once (transformers' StaticCache) instead of growing it "
+        "by concatenation at every token (which copies the whole cache each step)", default=True,
+    )
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

@@ -20,7 +20,7 @@ from typing import Any
 
 from rosa2.config import GenerationConfig
 from rosa2.errors import Rosa2Error
-from rosa2.kvcache import TurnCache
+from rosa2.kvcache import TurnCache, preallocated_cache
 from rosa2.models import LoadedModel
 
 Message = dict[str, str]
@@ -178,6 +178,8 @@ class Policy:
 
         ids, mask, _ = left_pad(prompts, self.tokenizer.pad_token_id)
         kwargs = self._decoding(max_new_tokens, seed)
+        if self.generation.static_cache:
+            kwargs["cache"] = preallocated_cache(self.model, len(prompts), int(ids.shape[1]) + kwargs["max_new_tokens"])
         start = time.perf_counter()
         with torch.no_grad(), lora.rows(slots) if lora is not None else nullcontext():
             out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from rosa2 import models
-from rosa2.adapter import ParametricStep, RowLoRA, UpdateItem, check_target_modules, lora_structure, parametric_steps
+from rosa2.adapter import ParametricStep, RowLoRA, UpdateItem, check_target_modules, lora_structure, parametric_steps, token_batches
 from rosa2.config import AdaptConfig, ConfigError, GenerationConfig, ModelConfig, RewardConfig, SandboxConfig, SemanticConfig, SessionConfig
 from rosa2.environment import Environment, answer_status, as_dict, environment_for
 from rosa2.errors import Rosa2Error
@@ -181,7 +181,8 @@ class SessionEngine:
 
     ``model`` is a ModelConfig (validated, then loaded) or an already loaded model. Environments
     default to ``environment_for`` with the session's feedback mode. ``update_tokens`` bounds the
-    context + response tokens of one backward micro-batch of the parametric step."""
+    context + response tokens of one backward micro-batch of the parametric step; 0 (the default)
+    sizes it from the memory actually free (``UpdateBudget``)."""
 
     def __init__(
         self,
@@ -194,7 +195,7 @@ class SessionEngine:
         reward: RewardConfig | None = None,
         *,
         batch_size: int = 1,
-        update_tokens: int = 1024,
+        update_tokens: int = 0,
     ) -> None:
         _check_sizes(batch_size, update_tokens)
         semantic = semantic or SemanticConfig()
@@ -208,6 +209,7 @@ class SessionEngine:
         self.reward = reward or RewardConfig()
         self.batch_size = batch_size
         self.update_tokens = update_tokens
+        self._budget = UpdateBudget()
         self._shared = _Shared(loaded, Policy(loaded, self.generation))
         self._adapter_slot: int | None = None  # the slot save_adapter saves (see there)
 
@@ -233,6 +235,7 @@ class SessionEngine:
         other.batch_size = batch_size or self.batch_size
         _check_sizes(other.batch_size, other.update_tokens)
         other._adapter_slot = None
+        other._budget = UpdateBudget()
         return other
 
     # -- the two streams, built on first use --------------------------------------------------
@@ -378,7 +381,14 @@ class SessionEngine:
     def _update(self, turns: list[_Turn], lora: RowLoRA) -> list[ParametricStep]:
         """θ_b ← θ_b + Δθ_b on y_t for every turn whose weights are on, in one batched step."""
         items = [UpdateItem(turn.session.slot, self._update_context(turn), turn.reply.response_ids, turn.reward) for turn in turns]
-        return parametric_steps(self.policy.model, lora, self.adapt, items, max_tokens=self.update_tokens)
+        device = self.policy.device
+        budget = self.update_tokens or self._budget.tokens(device)
+        start = peak_memory_bytes(device)  # the phase's clock reset the peak: this is the memory in use now
+        steps = parametric_steps(self.policy.model, lora, self.adapt, items, max_tokens=budget)
+        sizes = [int(item.prompt_ids.numel() + item.response_ids.numel()) for item in items]
+        padded = max(len(group) * max(sizes[k] for k in group) for group in token_batches(list(range(len(items))), sizes, budget))
+        self._budget.observe(padded, peak_memory_bytes(device) - start)
+        return steps
 
     def _update_context(self, turn: _Turn) -> Any:
         """Prompt ids y_t is scored in: the context it was generated in (H, the paper's reading) or
@@ -458,8 +468,43 @@ class SessionEngine:
 def _check_sizes(batch_size: int, update_tokens: int) -> None:
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size!r} must be >= 1 (sessions advanced together)")
-    if update_tokens < 1:
-        raise ConfigError(f"update_tokens={update_tokens!r} must be >= 1 (tokens per backward micro-batch)")
+    if update_tokens < 0:
+        raise ConfigError(f"update_tokens={update_tokens!r} must be >= 0 (tokens per backward micro-batch; 0 = from free memory)")
+
+
+class UpdateBudget:
+    """Tokens per backward micro-batch of the parametric step, from the memory actually free.
+
+    Each update measures what it cost: the phase's peak above the memory in use when it began, per
+    token of its largest micro-batch (rows × longest row). The next budget is ``share`` of the
+    memory available now (CUDA: free device memory; CPU: the kernel's MemAvailable) over the
+    largest cost per token seen, so B sessions share one backward whenever they fit. Before the
+    first measurement it is ``first`` tokens (the CPU setting measured to keep the update's memory
+    at ~1/3 of 1024 tokens' for ~10% more time)."""
+
+    def __init__(self, first: int = 256, share: float = 0.5) -> None:
+        self.first, self.share = first, share
+        self.bytes_per_token = 0.0
+
+    def tokens(self, device: Any) -> int:
+        if self.bytes_per_token <= 0:
+            return self.first
+        return max(1, int(self.share * available_memory_bytes(device) / self.bytes_per_token))
+
+    def observe(self, tokens: int, extra_bytes: int) -> None:
+        if tokens > 0 and extra_bytes > 0:
+            self.bytes_per_token = max(self.bytes_per_token, extra_bytes / tokens)
+
+
+def available_memory_bytes(device: Any) -> int:
+    """Memory a new allocation can take now: CUDA's free device memory, else the host's MemAvailable."""
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 
 class _Clock:
