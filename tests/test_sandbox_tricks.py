@@ -521,9 +521,9 @@ sys.exit(%d)
 
 
 def _fake_exec(monkeypatch, how: str, code: int) -> None:
-    import rosa2.sandbox.client
+    from rosa2.sandbox import client
 
-    monkeypatch.setattr(sandbox.client, "RELAY", FAKE_HARNESS % (how, code))
+    monkeypatch.setattr(client, "RELAY", FAKE_HARNESS % (how, code))
 
 
 def test_a_verdict_is_taken_only_from_an_exec_that_exited_with_code_0(pool, monkeypatch):
