@@ -397,25 +397,27 @@ def add_arguments(
 ) -> None:
     """Add one ``--prefix-field`` option per dataclass field, with its help text and default.
 
-    ``aliases`` maps a field to a shorter flag (``{"name": "--model"}``); ``defaults`` gives a
-    command its own default for a field (shown in ``--help``) in place of the dataclass's."""
+    ``aliases`` maps a field to its flag, or to a tuple of flags that all set it (``{"name":
+    "--model", "device": ("--model-device", "--device")}``); ``defaults`` gives a command its own
+    default for a field (shown in ``--help``) in place of the dataclass's."""
     group = parser.add_argument_group(cls.__name__)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         flag = (aliases or {}).get(f.name) or "--" + (prefix + f.name).replace("_", "-")
+        flags = (flag,) if isinstance(flag, str) else tuple(flag)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         own = (defaults or {}).get(f.name)  # None: from_args keeps the dataclass default
         # argparse %-formats help strings: a literal % in a field's help must reach it as %%
         help_text = f"{f.metadata.get('help', '')} (default: {own if own is not None else default!r})".replace("%", "%%")
         dest = (prefix + f.name).replace("-", "_")
         if f.type in ("bool", bool):
-            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=own, help=help_text)
+            group.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, default=own, help=help_text)
         elif "tuple" in str(f.type):
-            group.add_argument(flag, dest=dest, default=own, help=help_text + "; comma-separated")
+            group.add_argument(*flags, dest=dest, default=own, help=help_text + "; comma-separated")
         else:
             kind = f.metadata.get("parse") or {"int": int, "float": float}.get(str(f.type).split(" ")[0], None)
-            group.add_argument(flag, dest=dest, type=kind or str, default=own, help=help_text)
+            group.add_argument(*flags, dest=dest, type=kind or str, default=own, help=help_text)
 
 
 def from_args(cls: type, args: argparse.Namespace, prefix: str = "", **overrides: Any) -> Any:
@@ -430,6 +432,61 @@ def from_args(cls: type, args: argparse.Namespace, prefix: str = "", **overrides
         kwargs[f.name] = value
     kwargs.update(overrides)
     return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine's options: one table, one adder and one builder for every command that runs sessions
+# (``rosa2 session``/``chat``/``run``/``ablate``/``bench``, ``python -m rosa2.profile_session``)
+
+# section -> (config class, option prefix, flags of its own); the sections are SessionEngine's
+# keyword arguments (and a Cell's fields: ``Cell(**configs)`` with ``data``)
+SECTIONS: dict[str, tuple[type, str, dict[str, str | tuple[str, ...]]]] = {
+    "model": (ModelConfig, "model_", {"name": "--model", "device": ("--model-device", "--device"),
+                                      "dtype": ("--model-dtype", "--dtype")}),
+    "data": (DataConfig, "", {}),
+    "session": (SessionConfig, "", {}),
+    "generation": (GenerationConfig, "", {}),
+    "adapt": (AdaptConfig, "", {}),
+    "semantic": (SemanticConfig, "semantic_", {}),
+    "sandbox": (SandboxConfig, "sandbox_", {}),
+    "reward": (RewardConfig, "reward_", {}),
+}
+ENGINE_SECTIONS = ("model", "session", "generation", "adapt", "semantic")  # what every session command has
+
+
+def add_engine_arguments(
+    parser: argparse.ArgumentParser,
+    sections: Iterable[str] = ENGINE_SECTIONS,
+    *,
+    defaults: dict[str, dict[str, Any]] | None = None,
+    skip: dict[str, Iterable[str]] | None = None,
+    aliases: dict[str, dict[str, str | tuple[str, ...]]] | None = None,
+) -> None:
+    """The options of ``sections`` (keys of :data:`SECTIONS`), one group each: a command gives its
+    own ``defaults``, ``skip`` and extra ``aliases`` per section (``{"semantic": {"max_new_tokens": 128}}``).
+    :func:`engine_configs` turns the parsed options back into the configs."""
+    for name in sections:
+        cls, prefix, flags = SECTIONS[name]
+        add_arguments(
+            parser, cls, prefix=prefix, skip=tuple((skip or {}).get(name, ())),
+            aliases={**flags, **(aliases or {}).get(name, {})}, defaults=(defaults or {}).get(name),
+        )
+
+
+def engine_configs(
+    args: argparse.Namespace, sections: Iterable[str] = ENGINE_SECTIONS, **overrides: dict[str, Any]
+) -> dict[str, Any]:
+    """``{section: config}`` from the options :func:`add_engine_arguments` added (each config built,
+    and so validated, here, before any model loads); ``overrides`` sets fields per section, e.g.
+    ``session={"method": "baseline"}`` for a field the command skipped or decides itself."""
+    unknown = set(overrides) - set(sections)
+    if unknown:
+        raise ValueError(f"overrides for sections not built: {sorted(unknown)}")
+    configs: dict[str, Any] = {}
+    for name in sections:
+        cls, prefix, _ = SECTIONS[name]
+        configs[name] = from_args(cls, args, prefix=prefix, **overrides.get(name, {}))
+    return configs
 
 
 def flatten(**configs: Any) -> dict[str, Any]:
