@@ -14,24 +14,25 @@ import math
 import os
 from typing import Any
 
-from rosa2.config import (
-    BASE_METHODS, AdaptConfig, DataConfig, GenerationConfig, ModelConfig, RewardConfig, SandboxConfig, SemanticConfig, SessionConfig,
-    TrackingConfig, add_arguments, from_args, limit_value,
-)
+from rosa2.config import BASE_METHODS, TrackingConfig, add_arguments, add_engine_arguments, engine_configs, from_args
 
+# A cell's sections (rosa2.tasks.cells.Cell's fields): the engine's, the dataset, the code sandbox
+# and how answers are read
+CELL_SECTIONS = ("model", "data", "session", "generation", "adapt", "semantic", "sandbox", "reward")
 # The main job is sized for the embedded SmolLM2-135M on 2 CPU cores (measured, see README): its
 # four-option number questions are at the model's level (27% at turn 1 over all 48, every answer
 # scorable in ~11 tokens), where embedded-math's word problems score 0-2 of 16 with most answers cut
 # before \boxed{}. 8 problems x 3 turns, all 8 sessions of a cell advanced together.
-DEFAULT_DATA = {"dataset": "embedded-choice"}
-DEFAULT_LIMIT = 8
-DEFAULT_MAX_TURNS = 3
-DEFAULT_SESSION = {"parallel_sessions": 8}
 # Demo-size answers and critiques: on 2 CPU cores a TextGrad critic call (two per rejected turn,
 # ~1k-token prompts) at the library default of 256 tokens made one textgrad problem take minutes;
 # a letter answer takes ~11 tokens.
-DEFAULT_TOKENS = {"max_new_tokens": 48}
-DEFAULT_CRITIC_TOKENS = {"max_new_tokens": 64}
+DEFAULT_MAX_TURNS = 3
+CELL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "data": {"dataset": "embedded-choice", "limit": 8},
+    "session": {"max_turns": DEFAULT_MAX_TURNS, "parallel_sessions": 8},
+    "generation": {"max_new_tokens": 48},
+    "semantic": {"max_new_tokens": 64},
+}
 
 
 def add_cell_arguments(
@@ -47,19 +48,8 @@ def add_cell_arguments(
             "baseline | textgrad | rosa | rosa2 | switch-w2p@k | switch-p2w@k (2 <= k <= T_max - 1: "
             "the new axis first acts on turn k + 1)",
         )
-    parser.add_argument(
-        "--limit", type=limit_value, default=DEFAULT_LIMIT,
-        help=f"problems per cell: a count, or a share of the dataset (0.25 or 25%%) (default: {DEFAULT_LIMIT})",
-    )
-    parser.add_argument("--max-turns", type=int, default=max_turns, help=f"T_max, turns per problem (default: {max_turns})")
-    add_arguments(parser, ModelConfig, prefix="model_", aliases={"name": "--model"})
-    add_arguments(parser, DataConfig, skip=("limit",), defaults=DEFAULT_DATA)
-    add_arguments(parser, SessionConfig, skip=("method", "max_turns"), defaults=DEFAULT_SESSION)
-    add_arguments(parser, GenerationConfig, defaults=DEFAULT_TOKENS)
-    add_arguments(parser, AdaptConfig)
-    add_arguments(parser, SemanticConfig, prefix="semantic_", defaults=DEFAULT_CRITIC_TOKENS)
-    add_arguments(parser, SandboxConfig, prefix="sandbox_")
-    add_arguments(parser, RewardConfig, prefix="reward_")
+    defaults = {**CELL_DEFAULTS, "session": {**CELL_DEFAULTS["session"], "max_turns": max_turns}}
+    add_engine_arguments(parser, CELL_SECTIONS, defaults=defaults, skip={"session": ("method",)})
     add_tracking_arguments(parser)
 
 
@@ -71,18 +61,10 @@ def add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def base_cell(args: argparse.Namespace, method: str = "rosa2") -> Any:
+    """The cell of the options (every section built and validated here), for ``method``."""
     from rosa2.tasks.cells import Cell
 
-    return Cell(
-        model=from_args(ModelConfig, args, prefix="model_"),
-        session=from_args(SessionConfig, args, method=method, max_turns=args.max_turns),
-        data=from_args(DataConfig, args, limit=args.limit),
-        generation=from_args(GenerationConfig, args),
-        adapt=from_args(AdaptConfig, args),
-        semantic=from_args(SemanticConfig, args, prefix="semantic_"),
-        sandbox=from_args(SandboxConfig, args, prefix="sandbox_"),
-        reward=from_args(RewardConfig, args, prefix="reward_"),
-    )
+    return Cell(**engine_configs(args, CELL_SECTIONS, session={"method": method}))
 
 
 def check_inputs(cells: Any, where: str = "") -> None:

@@ -10,36 +10,15 @@ from typing import Any
 
 from rosa2.cli import adapter_source
 from rosa2.report import plural
-from rosa2.config import (
-    AdaptConfig,
-    ConfigError,
-    GenerationConfig,
-    ModelConfig,
-    SemanticConfig,
-    SessionConfig,
-    add_arguments,
-    from_args,
-)
-
-
-def engine_configs(args: argparse.Namespace) -> dict[str, Any]:
-    """Every config the engine takes, built (and so validated) from the shared options."""
-    return {
-        "model": from_args(ModelConfig, args, prefix="model_"),
-        "session": from_args(SessionConfig, args),
-        "adapt": from_args(AdaptConfig, args),
-        "semantic": from_args(SemanticConfig, args, prefix="semantic_"),
-        "generation": from_args(GenerationConfig, args),
-    }
+from rosa2 import config
+from rosa2.config import ConfigError, engine_configs
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, skip_session: tuple[str, ...] = ()) -> None:
-    add_arguments(parser, ModelConfig, prefix="model_", aliases={"name": "--model"})
+    """The engine's options for one session at a time (nothing to batch: no --parallel-sessions),
+    with ``--adapter``; :func:`rosa2.config.engine_configs` builds the configs from them."""
+    config.add_engine_arguments(parser, skip={"session": (*skip_session, "parallel_sessions")})
     adapter_source.add_argument(parser)
-    add_arguments(parser, SessionConfig, skip=(*skip_session, "parallel_sessions"))  # one session: nothing to batch
-    add_arguments(parser, AdaptConfig)
-    add_arguments(parser, SemanticConfig, prefix="semantic_")
-    add_arguments(parser, GenerationConfig)
 
 
 def build_engine(args: argparse.Namespace, configs: dict[str, Any]) -> Any:
