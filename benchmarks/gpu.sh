@@ -5,6 +5,9 @@
 #
 #   bash infra/setup.sh && bash benchmarks/gpu.sh            # or: MODEL=/path/to/local/model bash benchmarks/gpu.sh
 #
+# Arguments go to every `rosa2 bench` run: any engine or critic option measures a lever in the same
+# sitting, e.g. `bash benchmarks/gpu.sh --semantic-prompts compact --granularity chunks:4`.
+#
 # CI cannot run this (its machines have no GPU). Targets on a GPU: batched_vs_sequential >= 10 at B = 32.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,8 +18,8 @@ OUT=${OUT:-benchmarks/out}
 mkdir -p "$OUT"
 .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device visible to torch: this script is for a GPU machine')"
 for B in 1 8 32; do
-  echo "[gpu.sh] rosa2 bench --device cuda --dtype bfloat16 --batch-size $B --problems $PROBLEMS --model $MODEL" >&2
-  "$ROSA2" bench --device cuda --dtype bfloat16 --batch-size "$B" --problems "$PROBLEMS" --model "$MODEL" >"$OUT/gpu-b$B.json"
+  echo "[gpu.sh] rosa2 bench --device cuda --dtype bfloat16 --batch-size $B --problems $PROBLEMS --model $MODEL $*" >&2
+  "$ROSA2" bench --device cuda --dtype bfloat16 --batch-size "$B" --problems "$PROBLEMS" --model "$MODEL" "$@" >"$OUT/gpu-b$B.json"
 done
 .venv/bin/python - "$OUT" <<'PY'
 import json, sys

@@ -26,12 +26,13 @@ forced to the same length) against it.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from rosa2.config import ConfigError, _help
+from rosa2.config import ConfigError, _help, add_arguments, add_engine_arguments, engine_configs, from_args
 
 ARMS = ("sequential", "batched", "baseline", "ceiling")
 TARGETS = {
@@ -45,51 +46,70 @@ TARGETS = {
 TINY = "tiny-random"
 
 
+# The engine's options bench takes (every engine and critic knob, the standard flags, so a lever is
+# measured by a flag in one bench sitting), with bench's own defaults: short answers and critiques,
+# T_max 3 (the rest at the library defaults). Bench sets the method per arm and B by --batch-size.
+BENCH_SECTIONS = ("model", "session", "generation", "adapt", "semantic", "reward")
+BENCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    "session": {"max_turns": 3, "feedback": "sparse"},
+    "generation": {"max_new_tokens": 64},
+    "semantic": {"max_new_tokens": 128, "batch_size": 8},  # critic batch 8: 0.54x the time of 2 for ~+0.9 GB (8 sessions, 2 CPU cores)
+    "adapt": {"checkpoint_activations": True},
+}
+BENCH_SKIP = {"session": ("method", "parallel_sessions")}
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """``rosa2 bench``'s options: :class:`BenchConfig`'s, then the engine's at bench's defaults."""
+    add_arguments(parser, BenchConfig, skip=("engine",))
+    add_engine_arguments(parser, BENCH_SECTIONS, defaults=BENCH_DEFAULTS, skip=BENCH_SKIP)
+
+
+def bench_config(args: argparse.Namespace) -> "BenchConfig":
+    """The BenchConfig of parsed :func:`add_bench_arguments` options (bad values fail here)."""
+    return from_args(BenchConfig, args, engine=engine_configs(args, BENCH_SECTIONS))
+
+
+def bench_engine(argv: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The engine configs ``rosa2 bench ARGV`` runs with (``()``: bench's defaults)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_engine_arguments(parser, BENCH_SECTIONS, defaults=BENCH_DEFAULTS, skip=BENCH_SKIP)
+    return engine_configs(parser.parse_args(list(argv)), BENCH_SECTIONS)
+
+
 @dataclass
 class BenchConfig:
-    model: str = _help(f"Model: 'embedded', a hub id, a local directory, or '{TINY}' (tests)", default="embedded")
-    device: str = _help("'auto', 'cpu', 'cuda' or 'cuda:N'", default="auto")
-    dtype: str = _help("'auto' (bfloat16 on CUDA, float32 on CPU), 'float32', 'bfloat16', 'float16'", default="auto")
+    """What only the bench decides; the engine's configs are ``engine`` (from the standard options)."""
+
     dataset: str = _help("Problems: a dataset name or file (see `rosa2 datasets`)", default="embedded-math")
     problems: int = _help("Problems per arm (the same ones in every arm)", default=8)
     batch_size: int = _help("Sessions advanced together in the batched arms (B)", default=8)
-    max_turns: int = _help("T_max per problem", default=3)
-    max_new_tokens: int = _help("Tokens per answer at most", default=64)
-    semantic_max_new_tokens: int = _help("Tokens per critic call at most (semantic stream)", default=128)
-    semantic_batch_size: int = _help(
-        "Critic prompts generated together (TextGrad's prompts are ~1k tokens; measured on 2 CPU cores "
-        "for 8 sessions: batch 8 took 0.54x the time of batch 2 for ~+0.9 GB)", default=8
-    )
     update_tokens: int = _help(
         "Context + response tokens per backward micro-batch of the batched update (CPU: 256 kept the update's "
         "memory at ~1/3 of 1024 for ~10% more time; raise it on a GPU)", default=256
     )
-    checkpoint_activations: bool = _help("Recompute activations in the update's backward (less memory)", default=True)
-    feedback: str = _help("Simulated user: none | sparse | rich", default="sparse")
-    seed: int = _help("Seed of every arm (problem seeds derive from it)", default=0)
     arms: tuple[str, ...] = _help("Arms to run (ratios need their arms)", default=ARMS)
+    engine: dict[str, Any] = _help(
+        f"The engine's configs by section ({', '.join(BENCH_SECTIONS)}); the method is each arm's",
+        default_factory=bench_engine,
+    )
 
     def __post_init__(self) -> None:
         self.arms = tuple(self.arms)
-        for name in ("problems", "batch_size", "max_turns", "max_new_tokens", "semantic_max_new_tokens", "semantic_batch_size", "update_tokens"):
+        for name in ("problems", "batch_size", "update_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be >= 1")
         unknown = [a for a in self.arms if a not in ARMS]
         if unknown or not self.arms:
             raise ConfigError(f"arms={list(self.arms)!r} is not allowed; expected a non-empty subset of {list(ARMS)}")
-        # the configs the engines take check the rest (device, feedback) before any model loads
-        self.engine_configs("rosa2")
+        missing = [name for name in BENCH_SECTIONS if name not in self.engine]
+        if missing:
+            raise ConfigError(f"engine lacks the sections {missing}; expected {list(BENCH_SECTIONS)}")
+        self.engine_configs("rosa2")  # each config checked its values; here the arms' method with T_max
 
     def engine_configs(self, method: str) -> dict[str, Any]:
-        from rosa2.config import AdaptConfig, GenerationConfig, ModelConfig, SemanticConfig, SessionConfig
-
-        return {
-            "model": ModelConfig(name="embedded" if self.model == TINY else self.model, device=self.device, dtype=self.dtype),
-            "session": SessionConfig(method=method, max_turns=self.max_turns, feedback=self.feedback),
-            "semantic": SemanticConfig(max_new_tokens=self.semantic_max_new_tokens, batch_size=self.semantic_batch_size),
-            "adapt": AdaptConfig(checkpoint_activations=self.checkpoint_activations),
-            "generation": GenerationConfig(max_new_tokens=self.max_new_tokens, seed=self.seed),
-        }
+        """The configs of an arm's engine: ``engine`` with the arm's method."""
+        return {**self.engine, "session": dataclasses.replace(self.engine["session"], method=method)}
 
 
 @dataclass
@@ -108,9 +128,9 @@ class ArmResult:
 def _load(cfg: BenchConfig) -> Any:
     from rosa2 import models
 
-    if cfg.model == TINY:
-        return models.tiny_random(seed=cfg.seed)
-    return models.load(cfg.engine_configs("rosa2")["model"])
+    if cfg.engine["model"].name == TINY:
+        return models.tiny_random(seed=cfg.engine["generation"].seed)
+    return models.load(cfg.engine["model"])
 
 
 def _best_seconds(fn: Any, sync: Any, repeats: int = 5) -> float:
@@ -201,10 +221,10 @@ def run_arm(arm: str, cfg: BenchConfig, problems: list[Any]) -> ArmResult:
 
     configs = cfg.engine_configs("baseline" if arm == "baseline" else "rosa2")
     engine = SessionEngine(
-        _load(cfg), configs["session"], configs["adapt"], configs["semantic"], configs["generation"],
+        **{**configs, "model": _load(cfg)},
         batch_size=1 if arm == "sequential" else cfg.batch_size, update_tokens=cfg.update_tokens,
     )
-    environments = [environment_for(p, cfg.feedback) for p in problems]
+    environments = [environment_for(p, configs["session"].feedback, reward=configs["reward"]) for p in problems]
     engine.policy.generate([{"role": "user", "content": "Hi"}], max_new_tokens=2)  # one-time kernels/allocations
     device = engine.policy.device
     reset_peak_memory(device)
@@ -319,7 +339,7 @@ def summarize_arms(cfg: BenchConfig, arms: dict[str, ArmResult]) -> dict[str, An
     ceiling = arms.pop("ceiling", None)
     results = {name: [ProblemResult.from_dict(r) for r in arm.results] for name, arm in arms.items()}
     per_hour = {name: 3600.0 * len(results[name]) / arm.wall_s for name, arm in arms.items()}
-    accuracy = {name: accuracy_at(rs, cfg.max_turns) for name, rs in results.items()}
+    accuracy = {name: accuracy_at(rs, cfg.engine["session"].max_turns) for name, rs in results.items()}
     absolute: dict[str, Any] = {
         "sessions_per_hour": {k: round(v, 1) for k, v in per_hour.items()},
         "wall_s": {k: round(a.wall_s, 2) for k, a in arms.items()},
@@ -332,7 +352,7 @@ def summarize_arms(cfg: BenchConfig, arms: dict[str, ArmResult]) -> dict[str, An
         # which stream needs the memory: the largest peak of each phase over the arm's turns
         "peak_memory_mb_by_phase": {k: _phase_peaks(rs) for k, rs in results.items()},
     }
-    out: dict[str, Any] = {"device": device_name(cfg.device)}
+    out: dict[str, Any] = {"device": device_name(cfg.engine["model"].device)}
     if "sequential" in results and "batched" in results:
         out["batched_vs_sequential"] = _ratio(per_hour["batched"], per_hour["sequential"])
         # the same ratio on CPU seconds: on a shared machine wall time also measures the neighbours
