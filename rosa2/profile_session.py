@@ -1,7 +1,11 @@
 """Cost of the streams: seconds per turn (generate / semantic / parametric / reward) and peak memory
 of sessions per method, on one loaded model, in one process.
 
-    python -m rosa2.profile_session [--methods baseline,rosa2] [--max-turns 3] [--json]
+    python -m rosa2.profile_session [--methods baseline,rosa2] [--max-turns 3] [--json] [engine options]
+
+Every engine and critic option of ``rosa2 session`` is taken (``--help`` lists them), with short
+answers and critiques by default; ``--critic-max-new-tokens`` is ``--semantic-max-new-tokens``.
+``--model tiny-random`` profiles a random two-layer model (the code paths, in seconds).
 
 Methods run in the order given on the same loaded model (``SessionEngine.with_session``), baseline
 first by default so its peak is not inflated by memory the adapted methods allocated. Peak memory
@@ -17,7 +21,7 @@ import json
 from statistics import fmean
 from typing import Any
 
-from rosa2.config import GenerationConfig, ModelConfig, SemanticConfig, SessionConfig
+from rosa2.config import ConfigError, add_engine_arguments, engine_configs
 from rosa2.records import Problem, ProblemResult
 
 PROBLEMS = [
@@ -25,6 +29,10 @@ PROBLEMS = [
     Problem(id="mul-128-19", prompt="What is 128 * 19? Answer with the number only.", domain="math", answer="2432"),
 ]
 PHASES = ("generate", "semantic", "parametric", "reward")
+# the engine's options here: one session at a time, the methods by --methods
+DEFAULTS = {"session": {"max_turns": 3}, "generation": {"max_new_tokens": 48}, "semantic": {"max_new_tokens": 128}}
+SKIP = {"session": ("method", "parallel_sessions")}
+ALIASES = {"semantic": {"max_new_tokens": ("--semantic-max-new-tokens", "--critic-max-new-tokens")}}
 
 
 def profile(results: list[ProblemResult]) -> dict[str, Any]:
@@ -41,37 +49,40 @@ def profile(results: list[ProblemResult]) -> dict[str, Any]:
     return row
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m rosa2.profile_session", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="embedded")
-    parser.add_argument("--methods", default="baseline,rosa2")
-    parser.add_argument("--problems", type=int, default=2, help=f"how many of the {len(PROBLEMS)} problems")
-    parser.add_argument("--max-turns", type=int, default=3)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--critic-max-new-tokens", type=int, default=128)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
+    parser.add_argument("--methods", default="baseline,rosa2", help="methods to profile, comma-separated, in this order (default: baseline,rosa2)")
+    parser.add_argument("--problems", type=int, default=2, help=f"how many of the {len(PROBLEMS)} problems (default: 2)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_engine_arguments(parser, defaults=DEFAULTS, skip=SKIP, aliases=ALIASES)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    from rosa2 import models
+    from rosa2.bench import TINY
     from rosa2.environment import ExactMatchEnvironment
     from rosa2.session import SessionEngine, peak_memory_bytes
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    sessions = [SessionConfig(method=m, max_turns=args.max_turns) for m in methods]  # validate all first
-    engine = SessionEngine(
-        ModelConfig(name=args.model),
-        sessions[0],
-        semantic=SemanticConfig(max_new_tokens=args.critic_max_new_tokens),
-        generation=GenerationConfig(max_new_tokens=args.max_new_tokens),
-    )
+    if not methods:
+        raise ConfigError(f"--methods {args.methods!r} names no method")
+    runs = [engine_configs(args, session={"method": m}) for m in methods]  # validate all first
+    configs = runs[0]
+    model = models.tiny_random(seed=configs["generation"].seed) if configs["model"].name == TINY else configs["model"]
+    engine = SessionEngine(**{**configs, "model": model})
     report: dict[str, Any] = {
         "device": str(engine.policy.device),
         "model": engine.policy.source,
         "rss_after_load_mb": peak_memory_bytes(engine.policy.device) / 2**20,
         "methods": {},
     }
-    for session in sessions:
+    for run in runs:
+        session = run["session"]
         runner = engine.with_session(session)
-        results = [runner.run(p, ExactMatchEnvironment("sparse")) for p in PROBLEMS[: args.problems]]
+        results = [runner.run(p, ExactMatchEnvironment(session.feedback)) for p in PROBLEMS[: args.problems]]
         report["methods"][session.method] = profile(results)
     if args.json:
         print(json.dumps(report, indent=1))
