@@ -111,6 +111,104 @@ class PrefixStore:
         return shared, cache
 
 
+def sliced(model: Any, cache: Any, n: int) -> Any:
+    """A new cache holding the first ``n`` tokens of ``cache`` (a batch-1 ``DynamicCache``), which
+    is left as it is: the new cache's later tokens go to tensors of its own."""
+    from transformers import DynamicCache
+
+    out = DynamicCache(config=model.config)
+    for i, layer in enumerate(cache.layers):
+        out.update(layer.keys[:, :, :n], layer.values[:, :, :n], i)
+    return out
+
+
+def side_by_side(model: Any, caches: list[Any], lengths: list[int], width: int, length: int) -> Any:
+    """A ``StaticCache`` of ``len(caches)`` rows and ``length`` columns whose first ``width`` columns
+    hold, row by row, the first ``lengths[i]`` tokens of batch-1 ``caches[i]`` and then zeros (the
+    caller masks them): prompts prefilled one at a time, decoded together."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=length)
+    for j, layer in enumerate(cache.layers):
+        first = caches[0].layers[j]
+        keys = first.keys.new_zeros((len(caches), first.keys.shape[1], width, first.keys.shape[3]))
+        values = first.values.new_zeros((len(caches), first.values.shape[1], width, first.values.shape[3]))
+        for i, (row, n) in enumerate(zip(caches, lengths)):
+            keys[i, :, :n] = row.layers[j].keys[0, :, :n]
+            values[i, :, :n] = row.layers[j].values[0, :, :n]
+        layer.update(keys, values)
+        del keys, values
+    return cache
+
+
+class PromptStore:
+    """KV caches (batch 1) of whole critic prompts, found by their tokens: a new prompt starts its
+    prefill after the longest token prefix it shares with any stored one, at least ``min_tokens``.
+
+    What repeats between a session's critic calls is more than the template head ``PrefixStore``
+    keeps: turn t+1's critique prompt repeats turn t's through the problem and the earlier turns
+    (TextGrad lists the inputs in order: problem, earlier turns, failed answer, message), and so
+    does its update prompt (the same role and, with a fixed user message, the same variable). The
+    KV of those tokens at those positions is the same arithmetic, so it is served, not recomputed.
+
+    ``prefill(model, ids, session_after=H)``: when the best match goes beyond ``H`` tokens (H = what
+    every prompt of the batch shares, so beyond it the match is one session's own text) and was
+    stored before the current batch (``new_batch``: a batch holds one call per session, so two of
+    its prompts that share more, e.g. the same retry message, are still two sessions) the matched
+    entry is superseded by the new prompt (it shares at least as much with the session's next
+    call) and dropped. Otherwise entries leave least recently used first, keeping at most
+    ``max_tokens`` tokens in all (~46 KB each on SmolLM2-135M in float32). Valid because the critic
+    is the frozen base model; a new model object clears the store."""
+
+    def __init__(self, max_tokens: int = 24576, min_tokens: int = 32, chunk: int = 256) -> None:
+        self.max_tokens, self.min_tokens, self.chunk = max_tokens, min_tokens, chunk
+        self._store: OrderedDict[int, tuple[list[int], Any]] = OrderedDict()
+        self._next = 0
+        self._batch = 0  # the first entry key of the current batch
+        self._model_id: int | None = None
+        self.reused_tokens = 0  # prompt tokens served from the store, summed over prompts
+        self.computed_tokens = 0  # prompt tokens prefilled by the store's forwards
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(ids) for ids, _ in self._store.values())
+
+    def new_batch(self) -> None:
+        """The prompts stored from now on are one batch's: none of them supersedes another."""
+        self._batch = self._next
+
+    def prefill(self, model: Any, ids: list[int], session_after: int = 0) -> tuple[int, Any]:
+        """(reused, batch-1 cache of all of ``ids``), reused = how many of them came from the store."""
+        if id(model) != self._model_id:
+            self._store.clear()
+            self._model_id = id(model)
+        best, reuse = None, 0
+        for key, (stored, _) in self._store.items():
+            n = common_prefix([stored, ids])
+            if n > reuse:
+                best, reuse = key, n
+        cache = None
+        if best is not None and reuse >= self.min_tokens:
+            stored, stored_cache = self._store[best]
+            cache = sliced(model, stored_cache, reuse)
+            if reuse > session_after > 0 and best < self._batch:
+                del self._store[best]  # the session's newer prompt replaces it
+            else:
+                self._store.move_to_end(best)
+        else:
+            reuse = 0
+        self.reused_tokens += reuse
+        self.computed_tokens += len(ids) - reuse
+        cache = prefill(model, cache, ids, reuse, self.chunk)
+        if not croppable(cache):
+            return reuse, cache  # sliding window, linear attention: computed, never stored
+        self._store[self._next] = (list(ids), cache)
+        self._next += 1
+        while self.tokens > self.max_tokens and len(self._store) > 1:
+            self._store.popitem(last=False)
+        return reuse, cache
+
+
 def weights_key(model: Any) -> tuple[Any, ...]:
     """What the KV of a prompt depends on besides its tokens: the model object, its active adapter
     and the in-place version counter of every LoRA tensor (bumped by each step, reset, load)."""
