@@ -177,7 +177,19 @@ class SemanticConfig:
         "(vLLM's OpenAI server only; without it a tag-less reply gets one re-ask)",
         default=False,
     )
-    max_new_tokens: int = _help("Tokens per critic call at most", default=256)
+    max_new_tokens: int = _help("Tokens per critique (TGD's backward call) at most", default=256)
+    update_tokens: int = _help(
+        "Tokens per TGD update call (the rewritten text, from inside <IMPROVED_VARIABLE> to its closing "
+        "tag) at most; 0 = max_new_tokens. 96: the text is held to three sentences; SmolLM2-135M's "
+        "closed replies were 26-178 tokens, the rest ran to any budget",
+        default=96,
+    )
+    session_cache: bool = _help(
+        "Local critic: keep the KV of each critic prompt and start later prompts after the longest "
+        "token prefix they share with one (a session's next turn repeats its problem and earlier turns); "
+        "off: only the template head shared by every prompt is cached",
+        default=True,
+    )
     batch_size: int = _help("Critic prompts generated together when refining many sessions at once", default=8)
     target: str = _help(
         "Text the words stream optimises: 'message' (the user's next message x_{t+1}, Algorithm 1 line "
@@ -198,6 +210,8 @@ class SemanticConfig:
             raise ConfigError("critic='openai' needs api_base and api_model")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens={self.max_new_tokens!r} must be >= 1")
+        if self.update_tokens < 0:
+            raise ConfigError(f"update_tokens={self.update_tokens!r} must be >= 0 (0: max_new_tokens)")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size={self.batch_size!r} must be >= 1")
 

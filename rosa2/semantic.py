@@ -130,17 +130,19 @@ def classify(reply: str, truncated: bool, sources: list[str]) -> str:
 def build_engine(policy: "Policy", cfg: SemanticConfig) -> "ChatEngine":
     """The TextGrad engine that writes critiques and updates, from ``cfg.critic``."""
     from rosa2 import models
-    from rosa2.kvcache import PrefixStore
+    from rosa2.kvcache import PrefixStore, PromptStore
     from rosa2.textgrad_engine import LocalEngine, OpenAIEngine
 
-    sizes = {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size}
+    sizes = {"max_new_tokens": cfg.max_new_tokens, "update_tokens": cfg.update_tokens or None, "batch_size": cfg.batch_size}
     if cfg.critic == "openai":
         assert cfg.api_base and cfg.api_model  # SemanticConfig checked it
         return OpenAIEngine(cfg.api_base, cfg.api_model, cfg.api_key_env, guided=cfg.api_guided, **sizes)
+    # session_cache: every prompt's KV, found by its tokens (PromptStore); else the shared head only
+    caches: dict[str, Any] = {"prompts": PromptStore()} if cfg.session_cache else {"prefixes": PrefixStore()}
     if cfg.critic == "base":
-        return LocalEngine(policy, name=f"base:{policy.source}", prefixes=PrefixStore(), **sizes)
+        return LocalEngine(policy, name=f"base:{policy.source}", **caches, **sizes)
     loaded = models.load(ModelConfig(name=cfg.critic, device=str(policy.device)))
-    return LocalEngine(loaded, name=loaded.source, prefixes=PrefixStore(), **sizes)
+    return LocalEngine(loaded, name=loaded.source, **caches, **sizes)
 
 
 class SemanticStream:

@@ -21,11 +21,17 @@ Batching: TextGrad calls its engine one prompt at a time. ``ChatEngine.run_batch
 of such single-call steps twice: a planning pass records each step's prompt (the engine raises
 before generating), one batched generation answers them all, a replay pass serves the answers.
 
+Budgets: the critique is generated up to ``max_new_tokens`` (or EOS: TextGrad's backward template
+gives its reply no closing marker), the update up to ``update_tokens`` (or its closing tag);
+each reply cut by its own budget is ``truncated``.
+
 Shared prefixes: about half of every critic prompt is text that does not depend on the session
-(TextGrad's ~270-390-token system prompts and its templates up to the problem statement).
-``rosa2.kvcache.PrefixStore`` keeps the KV cache of that prefix, computed once at batch 1, and
-every later call starts its prefill after it: the same tokens at the same positions, so the same
-attention.
+(TextGrad's ~270-390-token system prompts and its templates up to the problem statement), and a
+session's next critique and update repeat its own earlier ones further (the problem, the earlier
+turns: TextGrad lists the inputs in that order). ``rosa2.kvcache.PromptStore`` (semantic
+``session_cache``) keeps each prompt's KV and starts a later prompt after the longest token prefix
+it shares with a stored one; without it ``rosa2.kvcache.PrefixStore`` keeps the template head
+alone. Either way the same tokens at the same positions: the same attention.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from textgrad.autograd import StringBasedFunction
 from textgrad.engine import EngineLM
 
 from rosa2.errors import Rosa2Error
-from rosa2.kvcache import PrefixStore, preallocated_cache
+from rosa2.kvcache import PrefixStore, PromptStore, common_prefix, preallocated_cache, side_by_side
 from rosa2.policy import reply_length, stop_ids
 
 # TextGrad logs every prompt at INFO to its own file (TEXTGRAD_LOG_DIR, under the project home);
@@ -81,7 +87,7 @@ SYSTEM_CONSTRAINTS = [
 # only what the critic needs: the inputs in full, the verdict, the variable's role, the constraints.
 COMPACT_CRITIC_SYSTEM = "You review a tutoring exchange and say, briefly and concretely, how one text in it should change."
 COMPACT_CRITIQUE = (
-    "{inputs}\n\nVerdict: {verdict}\n\nThe text to improve is {role}. In at most three sentences, say what "
+    "{inputs}\n\nVerdict on the latest answer: {verdict}\n\nThe text to improve is {role}. In at most three sentences, say what "
     "it should point out or ask for so that the next answer is correct. Do not solve the problem."
 )
 COMPACT_UPDATE_SYSTEM = (
@@ -94,12 +100,28 @@ COMPACT_UPDATE = (
 )
 
 
+def compact_inputs(inputs: dict[str, tg.Variable]) -> str:
+    """The inputs as ``COMPACT_CRITIQUE`` shows them: the conversation as one transcript (problem,
+    earlier turns, the rejected answer as the latest "Assistant:" turn), then the rest. Turn t+1's
+    transcript then starts with turn t's, token for token up to the end of y_t, so a session's
+    critique prompts repeat as a prefix (``rosa2.kvcache.PromptStore`` serves it)."""
+    parts = []
+    for name, v in inputs.items():
+        if name == "earlier_turns":
+            parts.append(v.get_value())  # "Assistant: ...\n\nUser: ..." (transcript())
+        elif name == "rejected_answer":
+            parts.append(f"Assistant: {v.get_value()}")
+        else:
+            parts.append(f"{name.replace('_', ' ').capitalize()}: {v.get_value()}")
+    return "\n\n".join(parts)
+
+
 class CompactVerdict(StringBasedFunction):
     """The verdict as a TextGrad function whose backward asks ``COMPACT_CRITIQUE`` (one call per
     variable that requires a gradient), in place of TextGrad's string-function templates."""
 
     def backward(self, response: tg.Variable, function_purpose: str, inputs: dict[str, tg.Variable], backward_engine: EngineLM) -> None:
-        shown = "\n\n".join(f"{name.replace('_', ' ').capitalize()}: {v.get_value()}" for name, v in inputs.items())
+        shown = compact_inputs(inputs)
         for variable in response.predecessors:
             if not variable.requires_grad:
                 continue
@@ -143,6 +165,7 @@ class Completion:
 
     text: str
     truncated: bool = False
+    tokens: int = 0  # generated tokens in the reply (local engine; the prefilled opening tag not counted)
 
 
 class ChatEngine(EngineLM):
@@ -151,11 +174,16 @@ class ChatEngine(EngineLM):
     ``calls`` counts the prompts actually generated (one per LLM call, batched or not);
     ``last`` is the completion the latest call returned (``Update.step`` reads whether it was cut)."""
 
-    def __init__(self, model_string: str, max_new_tokens: int, batch_size: int) -> None:
+    def __init__(self, model_string: str, max_new_tokens: int, batch_size: int, update_tokens: int | None = None) -> None:
         self.model_string = model_string
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens = max_new_tokens  # the critique call's budget
+        self.update_tokens = update_tokens or max_new_tokens  # TGD's update call's budget
         self.batch_size = batch_size
         self.calls = 0
+        # token counts summed over calls (LocalEngine fills them): prompt = the prompts' real tokens;
+        # prefilled = prompt columns computed (padding included, cached ones not); reused = prompt
+        # tokens served from a cache; decoded = decode steps x rows; reply = the replies' own tokens
+        self.tokens = dict.fromkeys(("prompt", "prefilled", "reused", "decoded", "reply"), 0)
         self.last: Completion | None = None
         self._planning = False
         self._replies: dict[Key, list[Completion]] = {}
@@ -175,14 +203,22 @@ class ChatEngine(EngineLM):
     def __call__(self, prompt: Any, **kwargs: Any) -> str:  # EngineLM.__call__ returns None
         return self.generate(prompt, **kwargs)
 
+    def budget(self, key: Key) -> int:
+        """New tokens the call may generate: ``update_tokens`` for TGD's update, ``max_new_tokens`` else."""
+        return self.update_tokens if is_update_call(key) else self.max_new_tokens
+
     def complete(self, keys: list[Key]) -> list[Completion]:
-        """Generate one reply per (system prompt, prompt), ``batch_size`` at a time."""
-        replies: list[Completion] = []
-        for start in range(0, len(keys), self.batch_size):
-            chunk = keys[start : start + self.batch_size]
-            replies.extend(self._complete(chunk))
-            self.calls += len(chunk)
-        return replies
+        """Generate one reply per (system prompt, prompt), ``batch_size`` at a time, critiques and
+        updates in batches of their own (each kind has its own budget); replies in the keys' order."""
+        replies: list[Completion | None] = [None] * len(keys)
+        for update in (False, True):
+            rows = [i for i, key in enumerate(keys) if is_update_call(key) == update]
+            for start in range(0, len(rows), self.batch_size):
+                chunk = rows[start : start + self.batch_size]
+                for i, reply in zip(chunk, self._complete([keys[i] for i in chunk])):
+                    replies[i] = reply
+                self.calls += len(chunk)
+        return replies  # type: ignore[return-value]
 
     def _complete(self, keys: list[Key]) -> list[Completion]:
         raise NotImplementedError
@@ -244,12 +280,15 @@ class LocalEngine(ChatEngine):
         name: str,
         max_new_tokens: int,
         batch_size: int,
+        update_tokens: int | None = None,
         prefixes: PrefixStore | None = None,
+        prompts: PromptStore | None = None,
         prefill_chunk: int = 256,
     ) -> None:
-        super().__init__(name, max_new_tokens, batch_size)
+        super().__init__(name, max_new_tokens, batch_size, update_tokens)
         self.holder = holder
         self.prefixes = prefixes
+        self.prompts = prompts
         self.prefill_chunk = prefill_chunk
 
     @property
@@ -265,44 +304,87 @@ class LocalEngine(ChatEngine):
             out = self.tokenizer.apply_chat_template(merged, add_generation_prompt=True, return_dict=True)
         return list(out["input_ids"])
 
+    def _shared_prefix(self, model: Any, system: str, rows: list[list[int]], budget: int) -> tuple[Any, Any, Any, int]:
+        """``prefixes``: the rows' shared prefix from the store at batch 1, then each row's own part
+        left-padded so every row's own part ends at the same column (positions count real tokens)."""
+        import torch
+
+        pad, device = self.tokenizer.pad_token_id, self.holder.device
+        before = 0 if self.prefixes is None else self.prefixes.reused_tokens
+        shared, prefix = (0, None) if self.prefixes is None else self.prefixes.prefill(model, system, rows)
+        reused = (0 if self.prefixes is None else self.prefixes.reused_tokens - before) // len(rows)
+        width = shared + max(len(r) - shared for r in rows)
+        cache = preallocated_cache(model, len(rows), width + budget, prefix)
+        input_ids = torch.tensor([r[:shared] + [pad] * (width - len(r)) + r[shared:] for r in rows], device=device)
+        mask = torch.tensor([[1] * shared + [0] * (width - len(r)) + [1] * (len(r) - shared) for r in rows], device=device)
+        self.tokens["reused"] += reused * len(rows)
+        self.tokens["prefilled"] += (shared - reused) + len(rows) * (width - shared)
+        return input_ids, mask, cache, width
+
+    def _own_prompts(self, model: Any, rows: list[list[int]], budget: int) -> tuple[Any, Any, Any, int]:
+        """``prompts``: each row but its last token prefilled at batch 1 after the longest prompt
+        prefix the store holds (any earlier call's: the same session's last turn, the template), the
+        rows' KV then laid side by side, padding after each (masked), and the last tokens in one
+        column: generate's first forward computes only them. No row is padded in the prefill."""
+        import torch
+
+        assert self.prompts is not None
+        pad, device = self.tokenizer.pad_token_id, self.holder.device
+        width = max(map(len, rows))
+        head = common_prefix(rows) if len(rows) > 1 else 0  # what every row shares: not one session's
+        self.prompts.new_batch()
+        caches = []
+        for r in rows:
+            reused, row_cache = self.prompts.prefill(model, r[:-1], session_after=head)
+            caches.append(row_cache)
+            self.tokens["reused"] += reused
+            self.tokens["prefilled"] += len(r) - 1 - reused
+        cache = side_by_side(model, caches, [len(r) - 1 for r in rows], width - 1, width + budget)
+        input_ids = torch.tensor([r[:-1] + [pad] * (width - len(r)) + r[-1:] for r in rows], device=device)
+        mask = torch.tensor([[1] * (len(r) - 1) + [0] * (width - len(r)) + [1] for r in rows], device=device)
+        self.tokens["prefilled"] += len(rows)  # the last column, in generate's first forward
+        return input_ids, mask, cache, width
+
     def _complete(self, keys: list[Key]) -> list[Completion]:
         import torch
 
         opening = self.tokenizer(TGD_TAGS[0], add_special_tokens=False)["input_ids"]
         prefilled = [is_update_call(key) for key in keys]
+        budgets = [self.budget(key) for key in keys]
+        budget = max(budgets)
         rows = [self._chat_ids(system, prompt) + (opening if tagged else []) for (system, prompt), tagged in zip(keys, prefilled)]
-        pad = self.tokenizer.pad_token_id
-        device, model = self.holder.device, self.holder.model
+        model = self.holder.model
+        self.tokens["prompt"] += sum(map(len, rows))
         with torch.no_grad(), adapter_disabled(model):
-            shared, prefix = (0, None) if self.prefixes is None else self.prefixes.prefill(model, keys[0][0], rows)
-            # the cached prefix, then padding, then each row's own tokens: every row's own part ends
-            # at the same column and its positions count only real tokens (mask cumsum)
-            width = shared + max(len(r) - shared for r in rows)
-            cache = preallocated_cache(model, len(rows), width + self.max_new_tokens, prefix)
-            input_ids = torch.tensor([r[:shared] + [pad] * (width - len(r)) + r[shared:] for r in rows], device=device)
-            mask = torch.tensor([[1] * shared + [0] * (width - len(r)) + [1] * (len(r) - shared) for r in rows], device=device)
+            if self.prompts is not None:
+                input_ids, mask, cache, width = self._own_prompts(model, rows, budget)
+            else:
+                input_ids, mask, cache, width = self._shared_prefix(model, keys[0][0], rows, budget)
             out = model.generate(
                 input_ids=input_ids,
                 attention_mask=mask,
                 cache=cache,
                 prefill_chunk_size=self.prefill_chunk,
-                max_new_tokens=self.max_new_tokens,
+                max_new_tokens=budget,
                 do_sample=False,
                 temperature=None,
                 top_p=None,
                 top_k=None,
-                pad_token_id=pad,
+                pad_token_id=self.tokenizer.pad_token_id,
                 stop_strings=[TGD_TAGS[1]],
                 tokenizer=self.tokenizer,
             )
         stops = stop_ids(self.tokenizer)
         replies = []
-        for row, tagged in zip(out[:, width:].tolist(), prefilled):
+        self.tokens["decoded"] += (out.shape[1] - width) * len(rows)
+        for row, tagged, limit in zip(out[:, width:].tolist(), prefilled, budgets):
+            row = row[:limit]  # a row with a smaller budget than the batch's: greedy, so the same start
             end = reply_length(row, stops)
+            self.tokens["reply"] += end
             text = self.tokenizer.decode(row[:end], skip_special_tokens=True)
             closed = TGD_TAGS[1] in text
-            cut = end >= self.max_new_tokens and not closed
-            replies.append(Completion(TGD_TAGS[0] + text if tagged else text, truncated=cut))
+            cut = end >= limit and not closed
+            replies.append(Completion(TGD_TAGS[0] + text if tagged else text, truncated=cut, tokens=end))
         return replies
 
 
@@ -323,11 +405,12 @@ class OpenAIEngine(ChatEngine):
     that do not know the field may reject it, so it is off by default (``--semantic-api-guided``)."""
 
     def __init__(
-        self, api_base: str, api_model: str, api_key_env: str, *, max_new_tokens: int, batch_size: int, guided: bool = False
+        self, api_base: str, api_model: str, api_key_env: str, *, max_new_tokens: int, batch_size: int,
+        update_tokens: int | None = None, guided: bool = False,
     ) -> None:
         from openai import OpenAI
 
-        super().__init__(api_model, max_new_tokens, batch_size)
+        super().__init__(api_model, max_new_tokens, batch_size, update_tokens)
         key = os.environ.get(api_key_env)
         if not key:
             raise Rosa2Error(
@@ -341,7 +424,7 @@ class OpenAIEngine(ChatEngine):
     def _ask(self, messages: list[dict[str, str]], update: bool) -> Completion:
         extra = {"extra_body": {"guided_regex": GUIDED_REGEX}} if update and self.guided else {}
         response = self.client.chat.completions.create(
-            model=self.model_string, messages=messages, max_tokens=self.max_new_tokens, temperature=0, **extra,  # type: ignore[arg-type]
+            model=self.model_string, messages=messages, max_tokens=self.update_tokens if update else self.max_new_tokens, temperature=0, **extra,  # type: ignore[arg-type]
         )
         choice = response.choices[0]
         return Completion(choice.message.content or "", truncated=choice.finish_reason == "length")

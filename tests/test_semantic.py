@@ -429,14 +429,15 @@ def test_openai_compatible_critic(tiny, chat_endpoint, monkeypatch):
 
     url, requests, script = chat_endpoint
     monkeypatch.setenv("ROSA2_TEST_CRITIC_KEY", "local-key")
-    cfg = SemanticConfig(critic="openai", api_base=url, api_model="tiny-critic", api_key_env="ROSA2_TEST_CRITIC_KEY", max_new_tokens=6)
+    cfg = SemanticConfig(critic="openai", api_base=url, api_model="tiny-critic", api_key_env="ROSA2_TEST_CRITIC_KEY", max_new_tokens=6, update_tokens=5)
     stream = SemanticStream(Policy(tiny), cfg)
     out = stream.refine(QUESTION, HISTORY, WRONG, SPARSE)
     # the tiny model's update reply lacks the closing tag: one re-ask with the format reminder, then fallback
     assert out.fallback and out.text == SPARSE and stream.calls == 2 and stream.engine.reasks == 1
     assert [r["path"] for r in requests] == ["/v1/chat/completions"] * 3
     assert requests[2]["messages"][-1]["content"] == FORMAT_REMINDER and len(requests[2]["messages"]) == 4
-    assert all(r["model"] == "tiny-critic" and r["max_tokens"] == 6 and r["temperature"] == 0 for r in requests)
+    assert all(r["model"] == "tiny-critic" and r["temperature"] == 0 for r in requests)
+    assert [r["max_tokens"] for r in requests] == [6, 5, 5]  # the critique's budget, then the update's (and its re-ask)
     assert all(r["auth"] == "Bearer local-key" for r in requests)
     assert all("extra_body" not in r and "guided_regex" not in r for r in requests)  # guided decoding is opt-in
     assert GOLD not in str(requests)
