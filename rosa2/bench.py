@@ -86,7 +86,7 @@ class BenchConfig:
     batch_size: int = _help("Sessions advanced together in the batched arms (B)", default=8)
     update_tokens: int = _help(
         "Context + response tokens per backward micro-batch of the batched update (CPU: 256 kept the update's "
-        "memory at ~1/3 of 1024 for ~10% more time; raise it on a GPU)", default=256
+        "memory at ~1/3 of 1024 for ~10% more time; raise it on a GPU; 0 = the engine's own, from free memory)", default=256
     )
     arms: tuple[str, ...] = _help("Arms to run (ratios need their arms)", default=ARMS)
     engine: dict[str, Any] = _help(
@@ -96,9 +96,11 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         self.arms = tuple(self.arms)
-        for name in ("problems", "batch_size", "update_tokens"):
+        for name in ("problems", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be >= 1")
+        if self.update_tokens < 0:
+            raise ConfigError(f"update_tokens={self.update_tokens!r} must be >= 0 (0: from free memory)")
         unknown = [a for a in self.arms if a not in ARMS]
         if unknown or not self.arms:
             raise ConfigError(f"arms={list(self.arms)!r} is not allowed; expected a non-empty subset of {list(ARMS)}")

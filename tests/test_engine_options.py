@@ -120,3 +120,9 @@ def test_run_builds_a_cell_of_every_section_and_profile_takes_the_engine_options
     assert (configs["session"].method, configs["session"].max_turns, configs["generation"].max_new_tokens) == ("rosa", 2, 48)
     with pytest.raises(ValueError, match="sandbox"):  # an override for a section the command has not
         engine_configs(args, sandbox={"cpus": 2.0})
+
+
+def test_bench_update_tokens_zero_is_the_engines_free_memory_budget():
+    assert _bench("--update-tokens", "0").update_tokens == 0
+    with pytest.raises(ConfigError, match="update_tokens=-1"):
+        _bench("--update-tokens", "-1")
