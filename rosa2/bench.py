@@ -285,24 +285,29 @@ def _arm_in_fresh_process(arm: str, cfg: BenchConfig, problems: list[Any]) -> Ar
         return pool.submit(run_arm, arm, cfg, problems).result()
 
 
-def device_name(device: str) -> str:
+def device_name(model: Any) -> str:
+    """The device and dtype the arms run on (a ModelConfig's, resolved as ``models.load`` resolves them)."""
     import os
     import platform
 
     import torch
 
-    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
-        index = torch.device(device if device != "auto" else "cuda").index or 0
-        return f"cuda:{index} {torch.cuda.get_device_name(index)} (bfloat16)"
-    model = platform.processor() or "cpu"
+    from rosa2.models import pick_device
+
+    device, dtype = pick_device(model)
+    precision = str(dtype).removeprefix("torch.")
+    if device.type == "cuda":
+        index = device.index or 0
+        return f"cuda:{index} {torch.cuda.get_device_name(index)} ({precision})"
+    name = platform.processor() or "cpu"
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
+                name = line.split(":", 1)[1].strip()
                 break
     except OSError:
         pass
-    return f"cpu {model}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()} (float32)"
+    return f"cpu {name}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()} ({precision})"
 
 
 STREAMS = {"parametric": ("weights_on", "seconds_parametric"), "semantic": ("words_on", "seconds_semantic")}
@@ -354,7 +359,7 @@ def summarize_arms(cfg: BenchConfig, arms: dict[str, ArmResult]) -> dict[str, An
         # which stream needs the memory: the largest peak of each phase over the arm's turns
         "peak_memory_mb_by_phase": {k: _phase_peaks(rs) for k, rs in results.items()},
     }
-    out: dict[str, Any] = {"device": device_name(cfg.engine["model"].device)}
+    out: dict[str, Any] = {"device": device_name(cfg.engine["model"])}
     if "sequential" in results and "batched" in results:
         out["batched_vs_sequential"] = _ratio(per_hour["batched"], per_hour["sequential"])
         # the same ratio on CPU seconds: on a shared machine wall time also measures the neighbours

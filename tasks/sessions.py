@@ -3,7 +3,7 @@
 Tasks are plain functions with explicit inputs and outputs; retries, tags and caching sit on the
 decorators. Only infrastructure errors (sandbox, network, Docker, a lost device) are retried — a
 bad config or a model failure is not. The session task saves every finished problem to the local
-:class:`~tasks.cells.ResultStore` before moving on, and skips problems already there, so a retry,
+:class:`~rosa2.tasks.cells.ResultStore` before moving on, and skips problems already there, so a retry,
 a crash or a kill resumes where it stopped. The engine advances ``SessionConfig.parallel_sessions``
 sessions at a time and each problem is saved as it leaves the batch, so a kill loses at most the
 sessions in flight.

@@ -136,7 +136,7 @@ def test_rosa2_run_has_demo_size_defaults_that_flags_override(capsys):
     assert (cell.generation.max_new_tokens, cell.semantic.max_new_tokens) == (200, 300)
     with pytest.raises(SystemExit):
         main(["run", "--help"])
-    assert "Tokens per critic call at most (default: 64)" in " ".join(capsys.readouterr().out.split())
+    assert "Tokens per critique (TGD's backward call) at most (default: 64)" in " ".join(capsys.readouterr().out.split())
     _, cells = run_cells(build_parser("run").parse_args(["run", "--method", "rosa", "baseline", "--parallel-sessions", "4", "--feedback", "none"]))
     assert [(c.method, c.session.parallel_sessions, c.session.feedback) for c in cells] == [("rosa", 4, "none"), ("baseline", 4, "none")]
     # the library defaults are untouched for everything else
