@@ -47,7 +47,7 @@ from textgrad.autograd import StringBasedFunction
 from textgrad.engine import EngineLM
 
 from rosa2.errors import Rosa2Error
-from rosa2.kvcache import PrefixStore, PromptStore, common_prefix, preallocated_cache, side_by_side
+from rosa2.kvcache import PrefixStore, PromptStore, common_prefix, croppable, preallocated_cache, side_by_side
 from rosa2.policy import reply_length, stop_ids
 
 # TextGrad logs every prompt at INFO to its own file (TEXTGRAD_LOG_DIR, under the project home);
@@ -356,7 +356,7 @@ class LocalEngine(ChatEngine):
         model = self.holder.model
         self.tokens["prompt"] += sum(map(len, rows))
         with torch.no_grad(), adapter_disabled(model):
-            if self.prompts is not None:
+            if self.prompts is not None and layered(model):
                 input_ids, mask, cache, width = self._own_prompts(model, rows, budget)
             else:
                 input_ids, mask, cache, width = self._shared_prefix(model, keys[0][0], rows, budget)
@@ -386,6 +386,15 @@ class LocalEngine(ChatEngine):
             cut = end >= limit and not closed
             replies.append(Completion(TGD_TAGS[0] + text if tagged else text, truncated=cut, tokens=end))
         return replies
+
+
+def layered(model: Any) -> bool:
+    """Whether the model's cache keeps every token of every layer (no sliding window, no linear
+    attention): a batch-1 prompt cache can then be laid beside others (``side_by_side``); other
+    models keep to the shared-prefix path, whose store refuses them in turn."""
+    from transformers import DynamicCache
+
+    return croppable(DynamicCache(config=model.config))
 
 
 FORMAT_REMINDER = (
