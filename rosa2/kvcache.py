@@ -209,11 +209,12 @@ class PromptStore:
         return reuse, cache
 
 
-def weights_key(model: Any) -> tuple[Any, ...]:
-    """What the KV of a prompt depends on besides its tokens: the model object, its active adapter
-    and the in-place version counter of every LoRA tensor (bumped by each step, reset, load)."""
+def weights_key(model: Any, adapter: Any = None) -> tuple[Any, ...]:
+    """What the KV of a prompt depends on besides its tokens: the model object, the row adapter's
+    ``state()`` (active slots, tensor versions: ``rosa2.adapter.RowLoRA``) and, for a PEFT-wrapped
+    model, its active adapter and the in-place version counter of every LoRA tensor."""
     lora = tuple(p._version for name, p in model.named_parameters() if "lora_" in name)
-    return (id(model), str(getattr(model, "active_adapter", "")), lora)
+    return (id(model), adapter, str(getattr(model, "active_adapter", "")), lora)
 
 
 class TurnCache:
