@@ -6,6 +6,9 @@ same weights, so the attention over it is the same arithmetic):
 
 - ``PrefixStore``: the semantic stream's local critic reads TextGrad prompts whose first half
   (system prompt + template text up to the problem) is the same in every call.
+- ``PromptStore``: the critic's whole prompts, found by their tokens: a session's next critique
+  repeats its problem and earlier turns, so each prompt prefills only after the longest prefix it
+  shares with a stored one (``semantic.session_cache``; LRU-bounded in tokens).
 - ``TurnCache``: a session's prompt at turn t+1 is its prompt at turn t, the answer y_t and the
   next user message. While the policy's weights are unchanged (baseline, textgrad, the words-only
   turns of a Switch run) the KV of turn t serves turn t+1; a parametric step, reset or load

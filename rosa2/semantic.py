@@ -30,7 +30,7 @@ import math
 import re
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from rosa2.config import ModelConfig, SemanticConfig
 
@@ -39,7 +39,16 @@ if TYPE_CHECKING:
     from rosa2.textgrad_engine import ChatEngine
 
 Message = dict[str, str]
-Item = tuple[str, list[Message], str, str]  # (question, history H, failed answer y_t, raw message x_{t+1})
+
+
+class Item(NamedTuple):
+    """One rejected turn to refine."""
+
+    question: str  # the problem as first asked
+    history: list[Message]  # H_t
+    response: str  # the rejected answer y_t
+    message: str  # the simulated user's raw next message x_{t+1}
+
 
 DEFAULT_CORRECTIVE = (
     "Your previous answer is not correct. Re-read the problem, check every step of your reasoning, "
@@ -168,7 +177,7 @@ class SemanticStream:
 
     def refine(self, question: str, history: list[Message], response: str, message: str) -> Refinement:
         """x*_{t+1} for one rejected answer ``response`` (y_t) given the ``question`` and history H."""
-        return self.refine_many([(question, history, response, message)])[0]
+        return self.refine_many([Item(question, history, response, message)])[0]
 
     def current_system(self, history: list[Message]) -> str:
         """The system prompt in force for ``history`` (target=system): its own, else the configured one."""
@@ -184,10 +193,12 @@ class SemanticStream:
             return []
         start = time.perf_counter()
         system = self.cfg.target == "system"
-        originals = [self.current_system(h) if system else m for _, h, _, m in items]
+        items = [Item(*item) for item in items]
+        originals = [self.current_system(item.history) if system else item.message for item in items]
         updates = [
-            Update.build(self.engine, q, h, y, m, system=original if system else None, prompts=self.cfg.prompts)
-            for (q, h, y, m), original in zip(items, originals)
+            Update.build(self.engine, item.question, item.history, item.response, item.message,
+                         system=original if system else None, prompts=self.cfg.prompts)
+            for item, original in zip(items, originals)
         ]
         self.engine.run_batched([u.backward for u in updates])
         stepped = self.engine.run_batched([u.step for u in updates])
@@ -229,12 +240,9 @@ class SemanticStream:
     def _mean_embedding(self, text: str) -> Any:
         import torch
 
-        from rosa2.textgrad_engine import adapter_disabled
-
-        model = self.policy.model
-        table = model.get_input_embeddings()
+        table = self.policy.model.get_input_embeddings()  # no adapter slot touches the embeddings
         ids = self.policy.tokenizer(text, add_special_tokens=False)["input_ids"]
-        with torch.no_grad(), adapter_disabled(model):
+        with torch.no_grad():
             if not ids:
                 return torch.zeros(table.embedding_dim, dtype=torch.float32, device=self.policy.device)
             return table(torch.tensor(ids, device=self.policy.device)).float().mean(0)

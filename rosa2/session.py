@@ -375,7 +375,9 @@ class SessionEngine:
 
     def _refine(self, turns: list[_Turn]) -> list["Refinement"]:
         """x*_{t+1} for every rejected turn whose words are on, in one batched words step."""
-        items = [(turn.session.problem.prompt, turn.session.history, turn.reply.text, turn.feedback) for turn in turns]
+        from rosa2.semantic import Item
+
+        items = [Item(turn.session.problem.prompt, turn.session.history, turn.reply.text, turn.feedback) for turn in turns]
         return self.semantic().refine_many(items)
 
     def _update(self, turns: list[_Turn], lora: RowLoRA) -> list[ParametricStep]:

@@ -249,22 +249,12 @@ class ChatEngine(EngineLM):
         return results
 
 
-@contextlib.contextmanager
-def adapter_disabled(model: Any) -> Iterator[None]:
-    """The base model θ_base: a PEFT ``PeftModel``'s adapter is switched off inside the block."""
-    if type(model).__module__.startswith("peft."):
-        with model.disable_adapter():
-            yield
-    else:
-        yield
-
-
 class LocalEngine(ChatEngine):
-    """A transformers causal LM behind TextGrad: chat template, greedy decoding, adapter off.
+    """A transformers causal LM behind TextGrad: chat template, greedy decoding, the base model.
 
-    ``holder`` is anything with ``model``, ``tokenizer`` and ``device`` (a Policy, a LoadedModel),
-    read at every call: the parametric stream replaces ``policy.model`` by a PeftModel after this
-    engine exists, and the critic must see that wrapper to switch its adapter off. TGD's update
+    ``holder`` is anything with ``model``, ``tokenizer`` and ``device`` (a Policy, a LoadedModel).
+    On the policy's own model the critic is θ_base because it runs outside every
+    ``RowLoRA.rows(...)`` block: no adapter slot is active, so no copy of the model is needed. TGD's update
     call is answered with ``<IMPROVED_VARIABLE>`` already at the start of the reply (appended after
     the chat template's generation prompt) and generation stops at the closing tag, so the critic
     writes only the new text and never fails on the format.
@@ -355,7 +345,7 @@ class LocalEngine(ChatEngine):
         rows = [self._chat_ids(system, prompt) + (opening if tagged else []) for (system, prompt), tagged in zip(keys, prefilled)]
         model = self.holder.model
         self.tokens["prompt"] += sum(map(len, rows))
-        with torch.no_grad(), adapter_disabled(model):
+        with torch.no_grad():
             if self.prompts is not None and layered(model):
                 input_ids, mask, cache, width = self._own_prompts(model, rows, budget)
             else:

@@ -197,23 +197,23 @@ def test_reference_answer_never_reaches_the_critic(tiny):
     assert SPARSE in backward[0] and "Assistant: 380" in backward[2]
 
 
-def test_critic_runs_on_the_base_model_with_the_adapter_disabled(tiny):
+def test_critic_runs_on_the_base_model_with_no_adapter_slot_active(tiny):
+    """The local critic shares the policy's model, on which sessions' θ live in RowLoRA slots: it
+    runs outside every ``rows(...)`` block, so it reads θ_base exactly, with no model copy."""
     import torch
-    from peft import LoraConfig, get_peft_model
 
+    from rosa2.adapter import RowLoRA
+    from rosa2.config import AdaptConfig
     from rosa2.semantic import SemanticStream
 
     base = copy.deepcopy(tiny.model)
     policy = Policy(tiny)
     stream = SemanticStream(policy, SemanticConfig(max_new_tokens=8))
-    # as the parametric stream does: wrap policy.model in a PeftModel after the semantic stream exists
-    policy.model = get_peft_model(policy.model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    lora = RowLoRA(policy.model, AdaptConfig(rank=4, target_modules=("q_proj", "v_proj")), slots=1)
+    lora.reset(0, seed=1)  # A drawn as PEFT does, B = 0 ...
     torch.manual_seed(1)
-    with torch.no_grad():
-        for name, param in policy.model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.5)  # a nonzero adapter: θ ≠ 0
-    lora = policy.model
+    for b in lora.B:
+        b.normal_(std=0.5)  # ... then a nonzero B: θ ≠ 0
 
     captured = []
 
@@ -221,7 +221,7 @@ def test_critic_runs_on_the_base_model_with_the_adapter_disabled(tiny):
         if not captured:  # the prefill of the first critic call
             captured.append((kwargs["input_ids"], kwargs.get("attention_mask"), output.logits[:, -1]))
 
-    handle = lora.base_model.model.register_forward_hook(hook, with_kwargs=True)  # the LM inside PEFT
+    handle = policy.model.register_forward_hook(hook, with_kwargs=True)
     try:
         stream.refine(QUESTION, HISTORY, WRONG, SPARSE)
     finally:
@@ -229,9 +229,11 @@ def test_critic_runs_on_the_base_model_with_the_adapter_disabled(tiny):
     input_ids, mask, critic_logits = captured[0]
     with torch.no_grad():
         expected = base(input_ids=input_ids, attention_mask=mask).logits[:, -1]
-        adapted = lora(input_ids=input_ids, attention_mask=mask).logits[:, -1]  # adapter back on afterwards
+        with lora.rows([0] * input_ids.shape[0]):
+            adapted = policy.model(input_ids=input_ids, attention_mask=mask).logits[:, -1]
+    lora.remove()
     assert torch.allclose(critic_logits, expected, atol=1e-5)
-    assert not torch.allclose(adapted, expected, atol=1e-4)
+    assert not torch.allclose(adapted, expected, atol=1e-4)  # the slot really would change the critic
 
 
 def test_delta_x_sq_is_the_squared_distance_of_mean_embeddings(tiny):
