@@ -163,6 +163,7 @@ def run_ceiling(cfg: BenchConfig, new_tokens: int = 32) -> dict[str, Any]:
     it at B = 1 and B = ``batch_size`` (see the module docstring)."""
     import torch
 
+    from rosa2.kvcache import preallocated_cache
     from rosa2.policy import Policy, left_pad
 
     loaded = _load(cfg)
@@ -197,7 +198,8 @@ def run_ceiling(cfg: BenchConfig, new_tokens: int = 32) -> dict[str, Any]:
 
         def generate(n: int) -> None:
             with torch.no_grad():
-                model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=n, min_new_tokens=n,
+                cache = preallocated_cache(model, batch, int(ids.shape[1]) + n)  # as Policy.generate_many does
+                model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), cache=cache, max_new_tokens=n, min_new_tokens=n,
                                do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
 
         decode = _best_seconds(lambda: generate(new_tokens), sync, repeats=3) - _best_seconds(lambda: generate(1), sync, repeats=3)
