@@ -36,11 +36,10 @@ alone. Either way the same tokens at the same positions: the same attention.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, TypeVar
 
 import textgrad as tg
 from textgrad.autograd import StringBasedFunction
