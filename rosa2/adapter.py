@@ -51,6 +51,7 @@ class ParametricStep:
     residual: list[float]
     gram_mean_diag: float
     seconds: float
+    batch_tokens: int = 0  # padded tokens (rows × longest row) of the backward micro-batch it was in
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,13 +83,23 @@ def linear_module_names(model: ModelConfig | LoadedModel) -> list[str]:
     return [n.removesuffix(".base_layer") for n in names if ".lora_" not in n]
 
 
-def check_target_modules(model: ModelConfig | LoadedModel, cfg: AdaptConfig) -> None:
-    """Raise ConfigError naming every target module the model lacks (PEFT's suffix matching)."""
-    names = linear_module_names(model)
-    unknown = [t for t in cfg.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+def is_target(name: str, targets: Any) -> bool:
+    """PEFT's suffix matching: module ``name`` carries the adapter when a target is its full name
+    or its last dotted parts."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def refuse_unknown_targets(names: list[str], targets: Any) -> None:
+    """Raise ConfigError naming every target that matches none of the Linear module ``names``."""
+    unknown = [t for t in targets if not any(is_target(n, (t,)) for n in names)]
     if unknown:
         allowed = sorted({n.rsplit(".", 1)[-1] for n in names})
         raise ConfigError(f"target_modules {unknown} are not linear modules of this model; allowed: {allowed}")
+
+
+def check_target_modules(model: ModelConfig | LoadedModel, cfg: AdaptConfig) -> None:
+    """Raise ConfigError naming every target module the model lacks, from the config alone."""
+    refuse_unknown_targets(linear_module_names(model), cfg.target_modules)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,19 +222,12 @@ def lora_structure(cfg: AdaptConfig) -> tuple[Any, ...]:
 
 
 def _find_targets(model: Any, target_modules: tuple[str, ...] | list[str]) -> list[tuple[str, Any]]:
-    """The model's Linear modules LoRA wraps: PEFT's suffix matching on full module names."""
+    """The model's Linear modules LoRA wraps (``is_target``), or a ConfigError naming what matches none."""
     import torch
 
-    found = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in target_modules)
-    ]
-    missing = sorted(t for t in target_modules if not any(n == t or n.endswith("." + t) for n, _ in found))
-    if missing:
-        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise ConfigError(f"target_modules {missing} are not Linear modules of this model; expected some of {names}")
-    return found
+    linears = [(name, module) for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    refuse_unknown_targets([name for name, _ in linears], target_modules)
+    return [(name, module) for name, module in linears if is_target(name, target_modules)]
 
 
 class RowLoRA:
@@ -462,6 +466,7 @@ def parametric_steps(
             for p in params:
                 p.requires_grad_(False)
         seconds = (time.perf_counter() - start) / len(group)
+        batch_tokens = len(group) * int(ids.shape[1])
         for k, item, (out, residual) in zip(chunk, group, objectives):
             segments = int(out.numel())
             jacobian = torch.cat([g[:segments, item.slot].reshape(segments, -1).float() for g in rows], dim=1)
@@ -475,6 +480,7 @@ def parametric_steps(
                 residual=[float(x) for x in residual.detach().cpu()],
                 gram_mean_diag=scale,
                 seconds=seconds + time.perf_counter() - solve_start,
+                batch_tokens=batch_tokens,
             )
     return steps
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from rosa2 import models
-from rosa2.adapter import ParametricStep, RowLoRA, UpdateItem, check_target_modules, lora_structure, parametric_steps, token_batches
+from rosa2.adapter import ParametricStep, RowLoRA, UpdateItem, check_target_modules, lora_structure, parametric_steps
 from rosa2.config import AdaptConfig, ConfigError, GenerationConfig, ModelConfig, RewardConfig, SandboxConfig, SemanticConfig, SessionConfig
 from rosa2.environment import Environment, answer_status, as_dict, environment_for
 from rosa2.errors import Rosa2Error
@@ -387,9 +387,7 @@ class SessionEngine:
         budget = self.update_tokens or self._budget.tokens(device)
         start = peak_memory_bytes(device)  # the phase's clock reset the peak: this is the memory in use now
         steps = parametric_steps(self.policy.model, lora, self.adapt, items, max_tokens=budget)
-        sizes = [int(item.prompt_ids.numel() + item.response_ids.numel()) for item in items]
-        padded = max(len(group) * max(sizes[k] for k in group) for group in token_batches(list(range(len(items))), sizes, budget))
-        self._budget.observe(padded, peak_memory_bytes(device) - start)
+        self._budget.observe(max(step.batch_tokens for step in steps), peak_memory_bytes(device) - start)
         return steps
 
     def _update_context(self, turn: _Turn) -> Any:

@@ -98,6 +98,9 @@ def test_one_backward_for_two_sessions_equals_each_alone(tiny):
         assert math.isclose(steps[0][slot].delta_theta_sq, steps[1][slot].delta_theta_sq, rel_tol=1e-4)
         assert steps[0][slot].segments == steps[1][slot].segments == 3
         assert steps[0][slot].delta_theta_sq > 0
+    lengths = [int(prompts[k].numel() + replies[k].response_ids.numel()) for k in range(2)]
+    assert [step.batch_tokens for step in steps[0]] == lengths  # alone: each its own micro-batch
+    assert [step.batch_tokens for step in steps[1]] == [2 * max(lengths)] * 2  # together: rows × longest
 
 
 class ScriptedEnvironment(Environment):
