@@ -340,9 +340,17 @@ def _phase_peaks(results: list[Any]) -> dict[str, float]:
     return peaks
 
 
+SCIENCE = ("semantic_refinements", "semantic_refined_rate", "semantic_copied", "semantic_truncated", "semantic_empty",
+           "answer_change_turns", "answer_change_rate", "no_answer_rate")
+
+
+def _science(counts: dict[str, Any]) -> dict[str, Any]:
+    return {k: counts[k] for k in SCIENCE if k in counts}
+
+
 def summarize_arms(cfg: BenchConfig, arms: dict[str, ArmResult]) -> dict[str, Any]:
     """The bench JSON: ratios first, the absolute figures they come from beside them."""
-    from rosa2.metrics import accuracy_at
+    from rosa2.metrics import accuracy_at, answer_counts, semantic_counts
     from rosa2.records import ProblemResult
 
     ceiling = arms.pop("ceiling", None)
@@ -360,6 +368,9 @@ def summarize_arms(cfg: BenchConfig, arms: dict[str, ArmResult]) -> dict[str, An
         "adapter_bytes": {k: a.adapter_bytes for k, a in arms.items()},
         # which stream needs the memory: the largest peak of each phase over the arm's turns
         "peak_memory_mb_by_phase": {k: _phase_peaks(rs) for k, rs in results.items()},
+        # what a lever did to the science, beside what it saved: did the critic write a message,
+        # and did the answer move after a rejection (a faster critic that always falls back is no win)
+        "science": {k: {**_science(semantic_counts(rs)), **_science(answer_counts(rs))} for k, rs in results.items()},
     }
     out: dict[str, Any] = {"device": device_name(cfg.engine["model"])}
     if "sequential" in results and "batched" in results:

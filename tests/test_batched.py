@@ -269,6 +269,11 @@ def test_bench_cli_on_the_tiny_model(tmp_path):
     assert set(phases["batched"]) == set(phases["sequential"]) == {"generate", "reward", "semantic", "parametric"}
     for arm, peaks in phases.items():
         assert 0 < max(peaks.values()) <= report["absolute"]["peak_memory_bytes"][arm] / 2**20 + 0.1
+    # the science beside the time: the critic's refinements and the answers' moves, per arm
+    science = report["absolute"]["science"]
+    assert science["baseline"]["semantic_refinements"] == 0
+    assert science["batched"]["semantic_refinements"] == science["sequential"]["semantic_refinements"] > 0
+    assert science["batched"]["answer_change_turns"] == science["sequential"]["answer_change_turns"]
     # how near generation runs to this machine's ceiling for the model, at B = 1 and B = 2
     ceiling = report["absolute"]["ceiling"]
     assert ceiling["weight_bytes_per_step"] > 0 and ceiling["memory_bandwidth_gb_s"] > 0
