@@ -184,6 +184,12 @@ class SemanticConfig:
         "closed replies were 26-178 tokens, the rest ran to any budget",
         default=96,
     )
+    loop_tokens: int = _help(
+        "Local critic: a reply stops once it repeats this many of its tokens verbatim (greedy decoding "
+        "then only loops) and counts as truncated, as its budget would have cut it; 0 = off. SmolLM2-135M's "
+        "compact updates loop a ~30-token sentence to any budget",
+        default=16,
+    )
     session_cache: bool = _help(
         "Local critic: keep the KV of each critic prompt and start later prompts after the longest "
         "token prefix they share with one (a session's next turn repeats its problem and earlier turns); "
@@ -214,6 +220,8 @@ class SemanticConfig:
             raise ConfigError(f"max_new_tokens={self.max_new_tokens!r} must be >= 1")
         if self.update_tokens < 0:
             raise ConfigError(f"update_tokens={self.update_tokens!r} must be >= 0 (0: max_new_tokens)")
+        if self.loop_tokens < 0:
+            raise ConfigError(f"loop_tokens={self.loop_tokens!r} must be >= 0 (0: off)")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size={self.batch_size!r} must be >= 1")
 

@@ -148,10 +148,11 @@ def build_engine(policy: "Policy", cfg: SemanticConfig) -> "ChatEngine":
         return OpenAIEngine(cfg.api_base, cfg.api_model, cfg.api_key_env, guided=cfg.api_guided, **sizes)
     # session_cache: every prompt's KV, found by its tokens (PromptStore); else the shared head only
     caches: dict[str, Any] = {"prompts": PromptStore()} if cfg.session_cache else {"prefixes": PrefixStore()}
+    local = {**caches, **sizes, "loop_tokens": cfg.loop_tokens}
     if cfg.critic == "base":
-        return LocalEngine(policy, name=f"base:{policy.source}", **caches, **sizes)
+        return LocalEngine(policy, name=f"base:{policy.source}", **local)
     loaded = models.load(ModelConfig(name=cfg.critic, device=str(policy.device)))
-    return LocalEngine(loaded, name=loaded.source, **caches, **sizes)
+    return LocalEngine(loaded, name=loaded.source, **local)
 
 
 class SemanticStream:

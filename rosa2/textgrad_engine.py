@@ -23,7 +23,11 @@ before generating), one batched generation answers them all, a replay pass serve
 
 Budgets: the critique is generated up to ``max_new_tokens`` (or EOS: TextGrad's backward template
 gives its reply no closing marker), the update up to ``update_tokens`` (or its closing tag);
-each reply cut by its own budget is ``truncated``.
+each reply cut by its own budget is ``truncated``. A local critic's row also stops once it repeats
+itself (``loop_tokens`` tokens of the reply again, verbatim: under greedy decoding the text after
+a repeat is the text after its first copy, so the rest of the budget would only buy more loop):
+the reply is cut there and is ``truncated`` too, as the budget would have cut it. A batch decodes
+until its last row stops, so one looping row used to cost every row the whole budget.
 
 Shared prefixes: about half of every critic prompt is text that does not depend on the session
 (TextGrad's ~270-390-token system prompts and its templates up to the problem statement), and a
@@ -165,6 +169,44 @@ class Completion:
     text: str
     truncated: bool = False
     tokens: int = 0  # generated tokens in the reply (local engine; the prefilled opening tag not counted)
+    looped: bool = False  # cut where it began to repeat itself (local engine; also ``truncated``)
+
+
+def loop_end(tokens: list[int], n: int) -> int | None:
+    """How many of ``tokens`` to keep when they repeat n of themselves verbatim: up to where the
+    first repeated n-gram's second copy begins; None when no n tokens repeat (n < 1: never)."""
+    if n < 1:
+        return None
+    seen: set[tuple[int, ...]] = set()
+    for end in range(n, len(tokens) + 1):
+        gram = tuple(tokens[end - n : end])
+        if gram in seen:
+            return end - n
+        seen.add(gram)
+    return None
+
+
+class LoopStop:
+    """A ``generate`` stopping criterion: a row is done once its generated part (after column
+    ``width``) holds an n-gram twice (``loop_end``). Rows are checked incrementally: each call adds
+    the n-gram that ends at the newest token."""
+
+    def __init__(self, width: int, n: int, rows: int) -> None:
+        self.width, self.n = width, n
+        self.seen: list[set[tuple[int, ...]]] = [set() for _ in range(rows)]
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if input_ids.shape[1] - self.width < self.n:
+            return done
+        grams = input_ids[:, -self.n :].tolist()
+        for row, gram in enumerate(map(tuple, grams)):
+            if gram in self.seen[row]:
+                done[row] = True
+            self.seen[row].add(gram)
+        return done
 
 
 class ChatEngine(EngineLM):
@@ -173,8 +215,11 @@ class ChatEngine(EngineLM):
     ``calls`` counts the prompts actually generated (one per LLM call, batched or not);
     ``last`` is the completion the latest call returned (``Update.step`` reads whether it was cut)."""
 
-    def __init__(self, model_string: str, max_new_tokens: int, batch_size: int, update_tokens: int | None = None) -> None:
+    def __init__(
+        self, model_string: str, max_new_tokens: int, batch_size: int, update_tokens: int | None = None, loop_tokens: int = 0
+    ) -> None:
         self.model_string = model_string
+        self.loop_tokens = loop_tokens  # stop a row that repeats this many tokens verbatim (0: off)
         self.max_new_tokens = max_new_tokens  # the critique call's budget
         self.update_tokens = update_tokens or max_new_tokens  # TGD's update call's budget
         self.batch_size = batch_size
@@ -182,7 +227,8 @@ class ChatEngine(EngineLM):
         # token counts summed over calls (LocalEngine fills them): prompt = the prompts' real tokens;
         # prefilled = prompt columns computed (padding included, cached ones not); reused = prompt
         # tokens served from a cache; decoded = decode steps x rows; reply = the replies' own tokens
-        self.tokens = dict.fromkeys(("prompt", "prefilled", "reused", "decoded", "reply"), 0)
+        # looped = replies cut where they began to repeat themselves (``loop_tokens``)
+        self.tokens = dict.fromkeys(("prompt", "prefilled", "reused", "decoded", "reply", "looped"), 0)
         self.last: Completion | None = None
         self._planning = False
         self._replies: dict[Key, list[Completion]] = {}
@@ -270,11 +316,12 @@ class LocalEngine(ChatEngine):
         max_new_tokens: int,
         batch_size: int,
         update_tokens: int | None = None,
+        loop_tokens: int = 0,
         prefixes: PrefixStore | None = None,
         prompts: PromptStore | None = None,
         prefill_chunk: int = 256,
     ) -> None:
-        super().__init__(name, max_new_tokens, batch_size, update_tokens)
+        super().__init__(name, max_new_tokens, batch_size, update_tokens, loop_tokens)
         self.holder = holder
         self.prefixes = prefixes
         self.prompts = prompts
@@ -336,6 +383,7 @@ class LocalEngine(ChatEngine):
 
     def _complete(self, keys: list[Key]) -> list[Completion]:
         import torch
+        from transformers import StoppingCriteriaList
 
         opening = self.tokenizer(TGD_TAGS[0], add_special_tokens=False)["input_ids"]
         prefilled = [is_update_call(key) for key in keys]
@@ -362,6 +410,7 @@ class LocalEngine(ChatEngine):
                 pad_token_id=self.tokenizer.pad_token_id,
                 stop_strings=[TGD_TAGS[1]],
                 tokenizer=self.tokenizer,
+                stopping_criteria=StoppingCriteriaList([LoopStop(width, self.loop_tokens, len(rows))] if self.loop_tokens else []),
             )
         stops = stop_ids(self.tokenizer)
         replies = []
@@ -369,11 +418,14 @@ class LocalEngine(ChatEngine):
         for row, tagged, limit in zip(out[:, width:].tolist(), prefilled, budgets):
             row = row[:limit]  # a row with a smaller budget than the batch's: greedy, so the same start
             end = reply_length(row, stops)
+            looped = loop_end(row[:end], self.loop_tokens)
+            end = end if looped is None else looped
             self.tokens["reply"] += end
+            self.tokens["looped"] += looped is not None
             text = self.tokenizer.decode(row[:end], skip_special_tokens=True)
             closed = TGD_TAGS[1] in text
-            cut = end >= limit and not closed
-            replies.append(Completion(TGD_TAGS[0] + text if tagged else text, truncated=cut, tokens=end))
+            cut = (end >= limit or looped is not None) and not closed
+            replies.append(Completion(TGD_TAGS[0] + text if tagged else text, truncated=cut, tokens=end, looped=cut and looped is not None))
         return replies
 
 

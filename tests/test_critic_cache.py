@@ -204,3 +204,64 @@ def test_smollm2_replies_are_the_same_with_and_without_the_session_cache(smol):
     assert engines[True].tokens["prompt"] == engines[False].tokens["prompt"]
     assert engines[True].tokens["prefilled"] < engines[False].tokens["prefilled"]
     assert engines[True].tokens["reused"] > engines[False].tokens["reused"]
+
+
+# -- a reply that repeats itself stops there (semantic.loop_tokens) --------------------------------
+
+
+@pytest.mark.parametrize(
+    "tokens,n,keep",
+    [
+        ([1, 2, 3, 4, 5], 2, None),  # nothing repeats
+        ([1, 2, 3, 1, 2, 3, 1], 3, 3),  # "1 2 3" again: keep the first copy
+        ([7, 7, 7, 7], 2, 1),  # a one-token loop: "7 7" is seen again at once
+        ([1, 2, 1, 2, 9], 3, None),  # "1 2" repeats, but no 3-gram does
+        ([1, 1, 1], 0, None),  # 0: off
+    ],
+)
+def test_loop_end_keeps_what_came_before_the_repeat(tokens, n, keep):
+    from rosa2.textgrad_engine import loop_end
+
+    assert loop_end(tokens, n) == keep
+
+
+def test_loop_stop_ends_only_the_rows_that_repeat():
+    import torch
+
+    from rosa2.textgrad_engine import LoopStop
+
+    stop = LoopStop(width=2, n=2, rows=2)
+    prompt = [[5, 5], [5, 5]]  # the prompt's own repeats do not count
+    rows = [[1, 2, 1, 2], [1, 2, 3, 4]]
+    done = []
+    for k in range(1, 5):
+        ids = torch.tensor([p + r[:k] for p, r in zip(prompt, rows)])
+        done.append(stop(ids, None).tolist())
+    assert done == [[False, False], [False, False], [False, False], [True, False]]
+
+
+def test_a_looping_critic_reply_stops_where_it_repeats_and_is_truncated(tiny):
+    """The tiny random model repeats one token: with loop_tokens the reply is what came before the
+    repeat, token for token the start of the unstopped reply, decoded in fewer steps."""
+    from rosa2.textgrad_engine import LocalEngine
+
+    keys = critic_keys(LocalEngine(tiny, name="tiny", max_new_tokens=4, batch_size=8), turn_items(1))
+    full_engine = LocalEngine(tiny, name="tiny", max_new_tokens=40, update_tokens=40, batch_size=8)
+    stopped_engine = LocalEngine(tiny, name="tiny", max_new_tokens=40, update_tokens=40, batch_size=8, loop_tokens=8)
+    full, stopped = full_engine.complete(keys), stopped_engine.complete(keys)
+    for a, b in zip(full, stopped):
+        assert a.tokens == 40 and a.truncated and not a.looped  # the budget cut it
+        assert b.truncated and b.looped and b.tokens < a.tokens
+        assert a.text.startswith(b.text)  # greedy: the same start, cut before the repeat
+    assert stopped_engine.tokens["looped"] == len(keys)
+    assert stopped_engine.tokens["decoded"] < full_engine.tokens["decoded"]
+
+
+def test_loop_tokens_reach_the_local_critic_and_refuse_bad_values(tiny):
+    from rosa2.policy import Policy
+    from rosa2.semantic import SemanticStream
+
+    with pytest.raises(ConfigError, match="loop_tokens=-1"):
+        SemanticConfig(loop_tokens=-1)
+    assert SemanticStream(Policy(tiny), SemanticConfig(loop_tokens=12)).engine.loop_tokens == 12
+    assert SemanticConfig().loop_tokens == 16
