@@ -23,6 +23,8 @@ ablation never reloads the model.
 from __future__ import annotations
 
 import copy
+import ctypes
+import functools
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -113,6 +115,25 @@ def peak_memory_bytes(device: Any) -> int:
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def return_freed_memory(device: Any) -> None:
+    """Hand the heap that a phase freed back to the OS (CPU, glibc: ``malloc_trim``). glibc keeps
+    freed blocks in its arenas for reuse, so a process that once held the critic's KV cache kept
+    that RSS through every later phase: measured on 2 cores, B = 8, the generate phase after a
+    critic round peaked at 1.98 GB against 1.22 GB in a baseline run. CUDA: nothing to do (its
+    peak counts allocated bytes, not the caching allocator's reserve)."""
+    trim = _malloc_trim() if device.type == "cpu" else None
+    if trim is not None:
+        trim(0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -528,6 +549,7 @@ class _Clock:
         try:
             return fn(*args, **kwargs)
         finally:
+            return_freed_memory(self.device)  # counted in the phase's seconds: it is the phase's cost
             self.seconds[phase] += time.perf_counter() - start
             self.peaks[phase] = max(self.peaks.get(phase, 0), peak_memory_bytes(self.device))
             reset_peak_memory(self.device)

@@ -1,7 +1,7 @@
 """TextGrad on our own models: the engines and the computation graph of one semantic update.
 
-Importing this module imports ``textgrad`` (~2.4 s, plus litellm); ``rosa2.semantic`` imports it
-lazily, on the first ``SemanticStream``. ``import rosa2`` has already pointed TextGrad's log folder
+Importing this module imports ``textgrad`` (~0.1 s: without the LiteLLM engine, see
+``_without_litellm``); ``rosa2.semantic`` imports it lazily, on the first ``SemanticStream``. ``import rosa2`` has already pointed TextGrad's log folder
 under the project home and made litellm read its price list locally (``rosa2.env``).
 
 Two LLM calls per refinement, both through TextGrad's own machinery:
@@ -42,16 +42,51 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import types
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
-import textgrad as tg
-from textgrad.autograd import StringBasedFunction
-from textgrad.engine import EngineLM
-
 from rosa2.errors import Rosa2Error
-from rosa2.kvcache import PrefixStore, PromptStore, common_prefix, croppable, preallocated_cache, side_by_side
-from rosa2.policy import reply_length, stop_ids
+
+
+def _without_litellm() -> None:
+    """Keep ``import textgrad`` from loading litellm and openai.
+
+    TextGrad's engine package imports its experimental LiteLLM engine, for ``get_engine`` names
+    that start with "experimental:", which rosa2 never asks for: its critics are ``LocalEngine``
+    and ``OpenAIEngine`` below (the latter imports openai itself, when used). That one import cost
+    every process with a words stream ~150 MB of RSS and ~2.9 s (measured: RSS +152 MB and 3.7 s
+    for ``import textgrad`` against +5 MB and 0.09 s without it), a third of what the rosa2 arm
+    of ``rosa2 bench`` held above the baseline arm. A stand-in module takes its place; asking
+    TextGrad for that engine raises. Nothing changes when TextGrad was already imported."""
+    if "textgrad" in sys.modules or "textgrad.engine_experimental" in sys.modules:
+        return
+
+    class LiteLLMEngine:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            raise Rosa2Error(
+                "TextGrad's experimental LiteLLM engine is not loaded in rosa2 (it imports litellm, ~150 MB); "
+                "for an endpoint use semantic.critic='openai' with semantic.api_base"
+            )
+
+    package = types.ModuleType("textgrad.engine_experimental")
+    package.__path__ = []  # a package with no files: only the stand-in below is importable from it
+    stand_in = types.ModuleType("textgrad.engine_experimental.litellm")
+    stand_in.LiteLLMEngine = LiteLLMEngine  # type: ignore[attr-defined]
+    package.litellm = stand_in  # type: ignore[attr-defined]
+    sys.modules[package.__name__] = package
+    sys.modules[stand_in.__name__] = stand_in
+
+
+_without_litellm()
+
+import textgrad as tg  # noqa: E402  (after the stand-in)
+from textgrad.autograd import StringBasedFunction  # noqa: E402
+from textgrad.engine import EngineLM  # noqa: E402
+
+from rosa2.kvcache import PrefixStore, PromptStore, common_prefix, croppable, preallocated_cache, side_by_side  # noqa: E402
+from rosa2.policy import reply_length, stop_ids  # noqa: E402
 
 # TextGrad logs every prompt at INFO to its own file (TEXTGRAD_LOG_DIR, under the project home);
 # propagated to the root logger those lines flooded the console of `rosa2 run` through Prefect.

@@ -38,6 +38,35 @@ def test_core_imports_neither_prefect_nor_mlflow():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_the_words_stream_imports_textgrad_without_litellm():
+    """TextGrad's experimental LiteLLM engine (litellm + openai, ~150 MB of RSS) is never loaded by the
+    words stream; asking TextGrad for it names what to use instead."""
+    code = (
+        "import sys, rosa2.textgrad_engine, textgrad;"
+        "print([m for m in sys.modules if m.split('.')[0] in ('litellm', 'openai')]);"
+        "textgrad.get_engine('experimental:gpt-4o')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True)
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr
+    assert "Rosa2Error" in result.stderr and "semantic.critic='openai'" in result.stderr
+
+
+def test_freed_heap_goes_back_to_the_os_after_a_phase():
+    """glibc keeps freed small blocks for reuse; return_freed_memory hands them back (RSS drops)."""
+    code = (
+        "import torch; from rosa2.session import return_freed_memory\n"
+        "rss = lambda: int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]) // 1024\n"
+        "blocks = [torch.ones(16 * 1024) for _ in range(4000)]\n"  # 64 KiB each, 250 MiB: heap, not mmap
+        "pin = torch.ones(16)\n"  # allocated after them: the heap's top is not free, so free() trims nothing
+        "del blocks\n"
+        "before = rss(); return_freed_memory(torch.device('cpu')); print(before, rss())"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    before, after = map(int, result.stdout.split())
+    assert before - after > 150, (before, after)
+
+
 def test_env_hygiene_points_state_under_the_home():
     root = env.home()
     assert os.environ["PREFECT_HOME"].startswith(str(root))
