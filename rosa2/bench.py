@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from rosa2.config import ConfigError, _help, add_arguments, add_engine_arguments, engine_configs, from_args
+from rosa2.config import SMALL_CRITIC, ConfigError, _help, add_arguments, add_engine_arguments, engine_configs, from_args
 
 ARMS = ("sequential", "batched", "baseline", "ceiling")
 TARGETS = {
@@ -53,7 +53,8 @@ BENCH_SECTIONS = ("model", "session", "generation", "adapt", "semantic", "reward
 BENCH_DEFAULTS: dict[str, dict[str, Any]] = {
     "session": {"max_turns": 3, "feedback": "sparse"},
     "generation": {"max_new_tokens": 64},
-    "semantic": {"max_new_tokens": 128, "batch_size": 8},  # critic batch 8: 0.54x the time of 2 for ~+0.9 GB (8 sessions, 2 CPU cores)
+    # the CPU demo's critic (config.SMALL_CRITIC); batch 8: 0.54x the time of 2 for ~+0.9 GB (8 sessions, 2 CPU cores)
+    "semantic": {**SMALL_CRITIC, "batch_size": 8},
     "adapt": {"checkpoint_activations": True},
 }
 BENCH_SKIP = {"session": ("method", "parallel_sessions")}

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from rosa2 import env, models
-from rosa2.config import GenerationConfig, ModelConfig
+from rosa2.config import GenerationConfig, ModelConfig, SemanticConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -159,17 +159,20 @@ def test_rosa2_run_has_demo_size_defaults_that_flags_override(capsys):
     from rosa2.cli.run import base_cell, run_cells
 
     cell = base_cell(build_parser("run").parse_args(["run"]))
-    assert (cell.generation.max_new_tokens, cell.semantic.max_new_tokens, cell.data.limit) == (48, 64, 8)
+    assert (cell.generation.max_new_tokens, cell.semantic.max_new_tokens, cell.data.limit) == (48, 48, 8)
+    # the CPU demo's critic: compact prompts, budgets from measured lengths (config.SMALL_CRITIC)
+    assert (cell.semantic.prompts, cell.semantic.update_tokens) == ("compact", 64)
     assert (cell.data.dataset, cell.session.max_turns, cell.session.parallel_sessions) == ("embedded-choice", 3, 8)
     cell = base_cell(build_parser("run").parse_args(["run", "--max-new-tokens", "200", "--semantic-max-new-tokens", "300"]))
     assert (cell.generation.max_new_tokens, cell.semantic.max_new_tokens) == (200, 300)
     with pytest.raises(SystemExit):
         main(["run", "--help"])
-    assert "Tokens per critique (TGD's backward call) at most (default: 64)" in " ".join(capsys.readouterr().out.split())
+    assert "Tokens per critique (TGD's backward call) at most (default: 48)" in " ".join(capsys.readouterr().out.split())
     _, cells = run_cells(build_parser("run").parse_args(["run", "--method", "rosa", "baseline", "--parallel-sessions", "4", "--feedback", "none"]))
     assert [(c.method, c.session.parallel_sessions, c.session.feedback) for c in cells] == [("rosa", 4, "none"), ("baseline", 4, "none")]
     # the library defaults are untouched for everything else
     assert GenerationConfig().max_new_tokens == 128
+    assert SemanticConfig().prompts == "textgrad"
 
 
 def test_sigterm_unwinds_a_command_like_ctrl_c(tiny_dir):

@@ -14,7 +14,7 @@ import math
 import os
 from typing import Any
 
-from rosa2.config import BASE_METHODS, TrackingConfig, add_arguments, add_engine_arguments, engine_configs, from_args
+from rosa2.config import BASE_METHODS, SMALL_CRITIC, TrackingConfig, add_arguments, add_engine_arguments, engine_configs, from_args
 
 # A cell's sections (rosa2.tasks.cells.Cell's fields): the engine's, the dataset, the code sandbox
 # and how answers are read
@@ -25,13 +25,14 @@ CELL_SECTIONS = ("model", "data", "session", "generation", "adapt", "semantic", 
 # before \boxed{}. 8 problems x 3 turns, all 8 sessions of a cell advanced together.
 # Demo-size answers and critiques: on 2 CPU cores a TextGrad critic call (two per rejected turn,
 # ~1k-token prompts) at the library default of 256 tokens made one textgrad problem take minutes;
-# a letter answer takes ~11 tokens.
+# the demo's critic is config.SMALL_CRITIC (compact prompts, budgets from measured lengths); a
+# letter answer takes ~11 tokens.
 DEFAULT_MAX_TURNS = 3
 CELL_DEFAULTS: dict[str, dict[str, Any]] = {
     "data": {"dataset": "embedded-choice", "limit": 8},
     "session": {"max_turns": DEFAULT_MAX_TURNS, "parallel_sessions": 8},
     "generation": {"max_new_tokens": 48},
-    "semantic": {"max_new_tokens": 64},
+    "semantic": SMALL_CRITIC,
 }
 
 
