@@ -1,8 +1,9 @@
 """TextGrad on our own models: the engines and the computation graph of one semantic update.
 
-Importing this module imports ``textgrad`` (~0.1 s: without the LiteLLM engine, see
-``_without_litellm``); ``rosa2.semantic`` imports it lazily, on the first ``SemanticStream``. ``import rosa2`` has already pointed TextGrad's log folder
-under the project home and made litellm read its price list locally (``rosa2.env``).
+Importing this module imports ``textgrad`` (~0.1 s: without its LiteLLM engine, see
+``_without_litellm``); ``rosa2.semantic`` imports it lazily, on the first ``SemanticStream``.
+``import rosa2`` has already pointed TextGrad's log folder under the project home and made litellm
+(which mlflow may still import) read its price list locally (``rosa2.env``).
 
 Two LLM calls per refinement, both through TextGrad's own machinery:
 

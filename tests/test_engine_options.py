@@ -61,7 +61,8 @@ def test_every_engine_field_is_a_bench_option_and_bench_keeps_its_defaults():
     cfg = _bench()
     assert cfg == BenchConfig()  # the defaults of the command line are the dataclass's
     engine = cfg.engine
-    assert (engine["semantic"].max_new_tokens, engine["semantic"].batch_size) == (128, 8)
+    semantic = engine["semantic"]  # the CPU demo's small critic (config.SMALL_CRITIC), batch 8
+    assert (semantic.prompts, semantic.max_new_tokens, semantic.update_tokens, semantic.batch_size) == ("compact", 48, 64, 8)
     assert (engine["generation"].max_new_tokens, engine["session"].max_turns, engine["session"].feedback) == (64, 3, "sparse")
     assert engine["adapt"].checkpoint_activations is True and engine["model"].name == "embedded"
     assert (cfg.problems, cfg.batch_size, cfg.update_tokens, cfg.dataset) == (8, 8, 256, "embedded-math")

@@ -32,7 +32,7 @@ CELL_DEFAULTS: dict[str, dict[str, Any]] = {
     "data": {"dataset": "embedded-choice", "limit": 8},
     "session": {"max_turns": DEFAULT_MAX_TURNS, "parallel_sessions": 8},
     "generation": {"max_new_tokens": 48},
-    "semantic": SMALL_CRITIC,
+    "semantic": {**SMALL_CRITIC},
 }
 
 
