@@ -263,8 +263,9 @@ def warnings(summary: dict[str, Any], method: str | None = None) -> list[str]:
         )
         fell = total - refined
         if int(summary.get("semantic_truncated") or 0) > fell / 2:
-            knob = ("the critic's replies were cut before the closing tag — raise --semantic-max-new-tokens, or, when "
-                    "they ramble (turn detail critic_reply), use a stronger --semantic-critic")
+            knob = ("the critic's replies were cut before the closing tag, by their budget (--semantic-update-tokens) or "
+                    "where they began to repeat themselves (--semantic-loop-tokens) — when they ramble or loop (turn detail "
+                    "critic_reply), use a stronger --semantic-critic, else raise the budget")
         else:
             knob = "the critic cannot write feedback — use a stronger --semantic-critic"
         out.append(f"words stream fell back on {fell} of {total} refinements ({causes}): {knob}; {effect}")

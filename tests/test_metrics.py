@@ -152,6 +152,10 @@ def test_warnings_name_the_cause_and_the_knob():
     assert fell.startswith("words stream fell back on 5 of 6 refinements (copied 3, truncated 2): the critic cannot")
     assert "--semantic-critic" in fell and "in effect this rosa2 cell is rosa" in fell
     assert cut == "answers cut before the answer on 20 of 24 turns: raise --max-new-tokens"
+    # mostly cut: the budget and the loop stop are named beside the stronger critic
+    cut_words = warnings({**summary, "semantic_copied": 0, "semantic_truncated": 5}, "textgrad")[0]
+    assert "(truncated 5)" in cut_words and "--semantic-update-tokens" in cut_words and "--semantic-loop-tokens" in cut_words
+    assert "--semantic-critic" in cut_words and "in effect this textgrad cell is baseline" in cut_words
     # exactly half is not "more than half"; a working arm has no warning
     assert warnings({"semantic_refinements": 6, "semantic_refined": 3, "scored_turns": 24, "no_answer_turns": 12}) == []
     unformatted = warnings({"scored_turns": 10, "no_answer_turns": 9, "truncated_turns": 1})
