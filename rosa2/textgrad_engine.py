@@ -208,41 +208,33 @@ class Completion:
     looped: bool = False  # cut where it began to repeat itself (local engine; also ``truncated``)
 
 
-def loop_end(tokens: list[int], n: int) -> int | None:
-    """How many of ``tokens`` to keep when they repeat n of themselves verbatim: up to where the
-    first repeated n-gram's second copy begins; None when no n tokens repeat (n < 1: never)."""
-    if n < 1:
-        return None
-    seen: set[tuple[int, ...]] = set()
-    for end in range(n, len(tokens) + 1):
-        gram = tuple(tokens[end - n : end])
-        if gram in seen:
-            return end - n
-        seen.add(gram)
-    return None
-
-
 class LoopStop:
     """A ``generate`` stopping criterion: a row is done once its generated part (after column
-    ``width``) holds an n-gram twice (``loop_end``). Rows are checked incrementally: each call adds
-    the n-gram that ends at the newest token."""
+    ``width``) ends with an n-gram it already held. Each call adds the n-gram that ends at the
+    newest token, so every row is checked once per decoded token. ``kept[i]`` is how many of row
+    i's generated tokens came before the first repeat's second copy began (None: no repeat)."""
 
     def __init__(self, width: int, n: int, rows: int) -> None:
         self.width, self.n = width, n
         self.seen: list[set[tuple[int, ...]]] = [set() for _ in range(rows)]
+        self.kept: list[int | None] = [None] * rows
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         import torch
 
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        if input_ids.shape[1] - self.width < self.n:
-            return done
-        grams = input_ids[:, -self.n :].tolist()
-        for row, gram in enumerate(map(tuple, grams)):
-            if gram in self.seen[row]:
-                done[row] = True
-            self.seen[row].add(gram)
-        return done
+        generated = input_ids.shape[1] - self.width
+        if generated >= self.n:
+            for row, gram in enumerate(map(tuple, input_ids[:, -self.n :].tolist())):
+                if gram in self.seen[row] and self.kept[row] is None:
+                    self.kept[row] = generated - self.n
+                self.seen[row].add(gram)
+        return torch.tensor([k is not None for k in self.kept], dtype=torch.bool, device=input_ids.device)
+
+    def looped(self, row: int, end: int) -> int | None:
+        """Row ``row``'s kept length if its first repeat lies within its first ``end`` tokens (the
+        reply proper: before EOS, the closing tag or its budget), else None."""
+        kept = self.kept[row]
+        return kept if kept is not None and kept + self.n <= end else None
 
 
 class ChatEngine(EngineLM):
@@ -251,11 +243,8 @@ class ChatEngine(EngineLM):
     ``calls`` counts the prompts actually generated (one per LLM call, batched or not);
     ``last`` is the completion the latest call returned (``Update.step`` reads whether it was cut)."""
 
-    def __init__(
-        self, model_string: str, max_new_tokens: int, batch_size: int, update_tokens: int | None = None, loop_tokens: int = 0
-    ) -> None:
+    def __init__(self, model_string: str, max_new_tokens: int, batch_size: int, update_tokens: int | None = None) -> None:
         self.model_string = model_string
-        self.loop_tokens = loop_tokens  # stop a row that repeats this many tokens verbatim (0: off)
         self.max_new_tokens = max_new_tokens  # the critique call's budget
         self.update_tokens = update_tokens or max_new_tokens  # TGD's update call's budget
         self.batch_size = batch_size
@@ -263,7 +252,7 @@ class ChatEngine(EngineLM):
         # token counts summed over calls (LocalEngine fills them): prompt = the prompts' real tokens;
         # prefilled = prompt columns computed (padding included, cached ones not); reused = prompt
         # tokens served from a cache; decoded = decode steps x rows; reply = the replies' own tokens
-        # looped = replies cut where they began to repeat themselves (``loop_tokens``)
+        # looped = replies cut where they began to repeat themselves (LocalEngine's ``loop_tokens``)
         self.tokens = dict.fromkeys(("prompt", "prefilled", "reused", "decoded", "reply", "looped"), 0)
         self.last: Completion | None = None
         self._planning = False
@@ -357,7 +346,8 @@ class LocalEngine(ChatEngine):
         prompts: PromptStore | None = None,
         prefill_chunk: int = 256,
     ) -> None:
-        super().__init__(name, max_new_tokens, batch_size, update_tokens, loop_tokens)
+        super().__init__(name, max_new_tokens, batch_size, update_tokens)
+        self.loop_tokens = loop_tokens  # stop a row that repeats this many tokens verbatim (0: off)
         self.holder = holder
         self.prefixes = prefixes
         self.prompts = prompts
@@ -433,6 +423,7 @@ class LocalEngine(ChatEngine):
                 input_ids, mask, cache, width = self._own_prompts(model, rows, budget)
             else:
                 input_ids, mask, cache, width = self._shared_prefix(model, keys[0][0], rows, budget)
+            loops = LoopStop(width, self.loop_tokens, len(rows)) if self.loop_tokens else None
             out = model.generate(
                 input_ids=input_ids,
                 attention_mask=mask,
@@ -446,15 +437,15 @@ class LocalEngine(ChatEngine):
                 pad_token_id=self.tokenizer.pad_token_id,
                 stop_strings=[TGD_TAGS[1]],
                 tokenizer=self.tokenizer,
-                stopping_criteria=StoppingCriteriaList([LoopStop(width, self.loop_tokens, len(rows))] if self.loop_tokens else []),
+                stopping_criteria=StoppingCriteriaList([loops] if loops is not None else []),
             )
         stops = stop_ids(self.tokenizer)
         replies = []
         self.tokens["decoded"] += (out.shape[1] - width) * len(rows)
-        for row, tagged, limit in zip(out[:, width:].tolist(), prefilled, budgets):
+        for i, (row, tagged, limit) in enumerate(zip(out[:, width:].tolist(), prefilled, budgets)):
             row = row[:limit]  # a row with a smaller budget than the batch's: greedy, so the same start
             end = reply_length(row, stops)
-            looped = loop_end(row[:end], self.loop_tokens)
+            looped = loops.looped(i, end) if loops is not None else None
             end = end if looped is None else looped
             self.tokens["reply"] += end
             self.tokens["looped"] += looped is not None

@@ -216,13 +216,23 @@ def test_smollm2_replies_are_the_same_with_and_without_the_session_cache(smol):
         ([1, 2, 3, 1, 2, 3, 1], 3, 3),  # "1 2 3" again: keep the first copy
         ([7, 7, 7, 7], 2, 1),  # a one-token loop: "7 7" is seen again at once
         ([1, 2, 1, 2, 9], 3, None),  # "1 2" repeats, but no 3-gram does
-        ([1, 1, 1], 0, None),  # 0: off
     ],
 )
-def test_loop_end_keeps_what_came_before_the_repeat(tokens, n, keep):
-    from rosa2.textgrad_engine import loop_end
+def test_loop_stop_keeps_what_came_before_the_repeat(tokens, n, keep):
+    """Fed one token at a time after a prompt (whose own repeats do not count), as generate does."""
+    import torch
 
-    assert loop_end(tokens, n) == keep
+    from rosa2.textgrad_engine import LoopStop
+
+    prompt = [5, 5, 5]
+    stop = LoopStop(width=len(prompt), n=n, rows=1)
+    done = [bool(stop(torch.tensor([prompt + tokens[:k]]), None)[0]) for k in range(1, len(tokens) + 1)]
+    assert stop.kept[0] == keep
+    # done from the token that completes the repeat on, never before
+    assert done == [keep is not None and k >= keep + n for k in range(1, len(tokens) + 1)]
+    assert stop.looped(0, len(tokens)) == keep
+    if keep is not None:  # a repeat past the reply's own end (EOS, tag, budget) is not the reply's
+        assert stop.looped(0, keep + n - 1) is None
 
 
 def test_loop_stop_ends_only_the_rows_that_repeat():
@@ -231,13 +241,14 @@ def test_loop_stop_ends_only_the_rows_that_repeat():
     from rosa2.textgrad_engine import LoopStop
 
     stop = LoopStop(width=2, n=2, rows=2)
-    prompt = [[5, 5], [5, 5]]  # the prompt's own repeats do not count
+    prompt = [[5, 5], [5, 5]]
     rows = [[1, 2, 1, 2], [1, 2, 3, 4]]
     done = []
     for k in range(1, 5):
         ids = torch.tensor([p + r[:k] for p, r in zip(prompt, rows)])
         done.append(stop(ids, None).tolist())
     assert done == [[False, False], [False, False], [False, False], [True, False]]
+    assert stop.kept == [2, None]
 
 
 def test_a_looping_critic_reply_stops_where_it_repeats_and_is_truncated(tiny):
