@@ -258,7 +258,7 @@ class RowLoRA:
         self.B = [torch.zeros(slots, m.out_features, cfg.rank, device=device) for _, m in self.targets]
         self._rows: Any = None
         self._active: tuple[int, ...] | None = None
-        self._gathered: dict[int, tuple[Any, Any]] = {}  # per target: (A[rows], B[rows]) while no grad is taken
+        self._gathered: dict[int, Any] = {}  # per target, while no grad is taken: (A[rows], B[rows]), or None when B[rows] = 0
         self._handles = [linear.register_forward_hook(self._hook(i)) for i, (_, linear) in enumerate(self.targets)]
 
     # -- the forward -------------------------------------------------------------------------
@@ -274,13 +274,23 @@ class RowLoRA:
                 raise RuntimeError(f"RowLoRA: batch has {x.shape[0]} rows but {rows.shape[0]} slot ids are set")
             if torch.is_grad_enabled():  # the update: the gathers are part of the graph to A, B
                 a, b = self.A[index][rows], self.B[index][rows]
-            else:  # generation: θ is fixed for the whole call, so gather once, not at every decoded token
-                if index not in self._gathered:
-                    self._gathered[index] = (self.A[index][rows], self.B[index][rows])
-                a, b = self._gathered[index]  # [b, r, in], [b, out, r]
-            flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)
-            delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2))
-            return output + (self.scale * delta).reshape(output.shape).to(output.dtype)
+                flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)
+                delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2))
+                return output + (self.scale * delta).reshape(output.shape).to(output.dtype)
+            # generation: θ is fixed for the whole call, so gather once, not at every decoded token
+            if index not in self._gathered:
+                b = self.B[index][rows]
+                self._gathered[index] = (self.A[index][rows], b) if bool(b.any()) else None
+            if self._gathered[index] is None:  # B = 0 in every row (a problem's first turn): W x exactly
+                return output
+            a, b = self._gathered[index]  # [b, r, in], [b, out, r]
+            low = torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype), a.transpose(1, 2))
+            out = output.view(x.shape[0], -1, output.shape[-1])
+            if out.dtype == b.dtype:  # W x + s·B A x in place: no [b, tokens, out] temporaries
+                out.baddbmm_(low, b.transpose(1, 2), alpha=self.scale)
+            else:
+                out.add_(torch.bmm(low, b.transpose(1, 2)), alpha=self.scale)
+            return output
 
         return hook
 

@@ -76,6 +76,35 @@ def test_per_row_adapters_are_independent(tiny):
     lora.remove()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_generation_applies_the_adapter_in_place_as_the_update_does(dtype):
+    """Generation (no grad) adds s·B A x into W x in place and skips slots whose B is zero; the
+    update (grad on) builds the same sum out of place. Both give one function: equal logits up to
+    rounding, and a zero-B row is the base model bit for bit."""
+    tiny = models.tiny_random(seed=0)
+    tiny.model.to(dtype)
+    ids, mask, positions = left_pad([torch.tensor([5, 6, 7, 8, 9]), torch.tensor([10, 11, 12])], 0)
+
+    def logits(slots=None, grad=False):
+        with torch.set_grad_enabled(grad), lora.rows(slots) if slots else torch.no_grad():
+            return tiny.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float().detach()
+
+    lora = RowLoRA(tiny.model, AdaptConfig(), slots=2)
+    lora.reset(0, seed=1)
+    lora.reset(1, seed=2)
+    base = logits()
+    assert torch.equal(logits([0, 1]), base)  # θ = 0: the hooks add nothing, not even rounding
+    for b in lora.B:
+        b[1].normal_(std=0.5)
+    in_place, out_of_place = logits([0, 1]), logits([0, 1], grad=True)
+    assert torch.equal(in_place[0], base[0])  # slot 0 still zero, beside a non-zero slot
+    assert not torch.allclose(in_place[1], base[1], atol=1e-3)
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    assert torch.allclose(in_place, out_of_place, atol=tol, rtol=tol)
+    assert torch.equal(logits(), base)  # outside rows(): the base model, untouched by the in-place adds
+    lora.remove()
+
+
 def test_one_backward_for_two_sessions_equals_each_alone(tiny):
     """Two sessions updated in one backward take, each, the step they take as a batch of one
     (granularity chunks:3 goes through the vmapped is_grads_batched path): max_tokens=1 puts every
