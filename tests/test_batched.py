@@ -311,3 +311,26 @@ def test_bench_cli_on_the_tiny_model(tmp_path):
         assert 0 < ceiling[f"generation_tokens_per_s_{suffix}"]
         assert report[f"generation_fraction_of_ceiling_{suffix}"] == ceiling[f"generation_fraction_of_ceiling_{suffix}"] > 0
     assert ceiling["flops_per_token"] * 2 == ceiling["weight_bytes_per_step"]  # float32: 4 bytes and 2 FLOPs per weight
+
+
+def test_repeated_bench_reports_the_median_ratio_and_every_repeat():
+    """`rosa2 bench --repeats N`: each ratio is the median of the N runs, each run's value kept; a
+    ratio an arm set did not measure stays absent; the first run's absolute figures head the report."""
+    from rosa2.bench import combine_repeats
+
+    def report(memory, speedup, wall):
+        out = {"device": "cpu", "adapt_memory_overhead": memory, "absolute": {"wall_s": {"batched": wall}}}
+        if speedup is not None:
+            out["batched_vs_sequential"] = speedup
+        return out
+
+    single = report(1.2, 2.8, 80.0)
+    assert combine_repeats([single]) is single
+    combined = combine_repeats([report(1.36, 2.9, 81.0), report(1.16, None, 86.0), report(1.20, 2.7, 83.0)])
+    assert combined["adapt_memory_overhead"] == 1.2
+    assert combined["batched_vs_sequential"] == 2.8  # the median of the two runs that measured it
+    assert combined["repeats"]["count"] == 3
+    assert combined["repeats"]["values"] == {"adapt_memory_overhead": [1.36, 1.16, 1.20], "batched_vs_sequential": [2.9, 2.7]}
+    assert combined["absolute"]["wall_s"]["batched"] == 81.0
+    assert [a["wall_s"]["batched"] for a in combined["repeats"]["absolute"]] == [86.0, 83.0]
+    assert "parametric_over_generate" not in combined
