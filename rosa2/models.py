@@ -179,6 +179,8 @@ def load(cfg: ModelConfig | str | None = None) -> LoadedModel:
     """Load model + tokenizer for ``cfg`` (a ModelConfig or a name) in eval mode on its device."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rosa2.streamed import streamed_linears
+
     cfg = ModelConfig(name=cfg) if isinstance(cfg, str) else (cfg or ModelConfig())
     source = resolve(cfg.name)
     device, dtype = pick_device(cfg)
@@ -189,7 +191,7 @@ def load(cfg: ModelConfig | str | None = None) -> LoadedModel:
         raise ModelError(f"could not load model {cfg.name!r} from {source}: {exc}") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(device).eval()
+    streamed_linears(model.to(device).eval())  # decode-sized CPU matmuls in the faster operand order
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, device=device)
 
 
@@ -197,6 +199,8 @@ def tiny_random(seed: int = 0, layers: int = 2, hidden: int = 64) -> LoadedModel
     """A tiny random Llama with the embedded tokenizer: fast tests of every code path."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from rosa2.streamed import streamed_linears
 
     tokenizer = AutoTokenizer.from_pretrained(str(ensure_embedded()))
     if tokenizer.pad_token is None:
@@ -215,5 +219,5 @@ def tiny_random(seed: int = 0, layers: int = 2, hidden: int = 64) -> LoadedModel
         tie_word_embeddings=True,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
+    model = streamed_linears(LlamaForCausalLM(config).eval())
     return LoadedModel(model=model, tokenizer=tokenizer, source="tiny-random", device=torch.device("cpu"))
