@@ -5,7 +5,7 @@ packs the whole weight, its right operand, on every call; W xᵀ instead streams
 operand. Same products and sums, another order of summation: replies can differ where two logits
 tie to float rounding, as a padded batch's already can. Measured on the 2-core AMD EPYC, float32:
 SmolLM2's 49152x576 LM head at 8 rows 20.9 -> 8.5 ms and at 2 rows 17.1 -> 4.8 ms; a 64-token
-generation of 8 rows 8.5 -> 7.4 s (median of 4, the same tokens). A prefill's hundreds of rows
+generation of 8 rows 8.5 -> 7.3 s (median of 4, the same tokens). A prefill's hundreds of rows
 were no faster, one row is a gemv either way, and CUDA has no such packing: those keep ``F.linear``.
 """
 
