@@ -36,9 +36,12 @@ class StreamedLinear(torch.nn.Linear):
 
 
 def streamed_linears(model: Any) -> Any:
-    """Give every plain ``nn.Linear`` in ``model`` :class:`StreamedLinear`'s forward: the same
-    modules, weights, hooks and state dict; only the class changes. Returns ``model``."""
+    """Give every plain ``nn.Linear`` of ``model`` whose weight is a CPU float32 tensor
+    :class:`StreamedLinear`'s forward: the same modules, weights, hooks and state dict; only the
+    class changes. A CUDA or bfloat16 model keeps ``nn.Linear`` and pays no per-call check on its
+    hot path. Returns ``model``."""
     for module in model.modules():
-        if type(module) is torch.nn.Linear:
+        weight = getattr(module, "weight", None)
+        if type(module) is torch.nn.Linear and weight.device.type == "cpu" and weight.dtype == torch.float32:
             module.__class__ = StreamedLinear
     return model

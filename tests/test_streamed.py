@@ -52,3 +52,9 @@ def test_loaded_models_stream_and_keep_their_state_dict(tiny):
         plain = tiny.model(input_ids=ids).logits[:, -1]
     streamed_linears(tiny.model)
     assert torch.allclose(streamed, plain, atol=1e-5)
+
+
+def test_only_cpu_float32_layers_are_streamed():
+    """A layer the streamed path can never serve (here bfloat16; on a GPU, CUDA) keeps nn.Linear."""
+    model = streamed_linears(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8).to(torch.bfloat16)))
+    assert type(model[0]) is StreamedLinear and type(model[1]) is torch.nn.Linear
